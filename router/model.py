@@ -1,0 +1,93 @@
+"""Plain data passed between the routing steps.
+
+The edges (configuration, job files, settings) are pydantic models; once validated,
+everything inside the router travels as these small frozen dataclasses so that each step
+can be tested on its own and results can be serialised into the record and the report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# C-STORE statuses that count as stored (SPEC section 4).
+STORED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+
+
+@dataclass(frozen=True)
+class DicomFile:
+    """One DICOM Part 10 file of a job, with what sending and filtering need."""
+
+    path: Path
+    """Absolute path of the file."""
+    relpath: str
+    """Path relative to the job folder, POSIX separators: the name used in the record."""
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    values: Mapping[str, str] = field(default_factory=dict)
+    """Values of the tags that `which` filters ask for, keyed by 8-digit upper-case hex tag."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A destination with `$me`/`$port` resolved: where one association goes."""
+
+    host: str
+    port: int
+    called_aet: str
+    calling_aet: str
+
+    @property
+    def key(self) -> str:
+        """Stable identity of a destination in the record and the concurrency limits."""
+        return f"{self.called_aet}@{self.host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"{self.called_aet}@{self.host}:{self.port} (as {self.calling_aet})"
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Network time-outs in seconds; `None` waits forever (never the default)."""
+
+    connect: float = 10.0
+    acse: float = 30.0
+    dimse: float = 60.0
+    network: float = 60.0
+    max_pdu: int = 0
+    """Largest PDU we accept; 0 for no limit (it only bounds what the peer sends us)."""
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """What happened to one file on one attempt at one destination."""
+
+    file: DicomFile
+    status: int | None
+    """DIMSE status of the C-STORE response; None when no response came."""
+    error: str | None = None
+    """Why it was not stored, in words, when it was not."""
+
+    @property
+    def stored(self) -> bool:
+        return self.status is not None and self.status in STORED_STATUSES
+
+
+class SendError(Exception):
+    """An association could not be made, or broke, before every file had an answer.
+
+    Files answered before the failure have already been reported through the result
+    callback; the caller retries only what is missing.
+    """
+
+    def __init__(self, reason: str, *, transient: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.transient = transient
+
+
+def status_is_transient(status: int) -> bool:
+    """0xA7xx (out of resources) is worth retrying; 0xA9xx, 0xCxxx and others are not."""
+    return (status & 0xFF00) == 0xA700
