@@ -1,0 +1,325 @@
+"""The routing configuration: `{"routing": [RULE, ...]}` (SPEC section 2).
+
+Validation is strict because a routing file is written by hand and a typo must not turn
+into "send everything everywhere": unknown keys, bad regexes, ports and AE titles are
+refused, and every problem names the rule (position and name) and the field.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+from pydicom.datadict import keyword_for_tag, tag_for_keyword
+
+from router import jsonc
+from router.model import Endpoint
+
+ME = "$me"
+PORT = "$port"
+
+_TRUE = {"1", "t", "true", "y", "yes"}
+_FALSE = {"0", "f", "false", "n", "no"}
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; `problems` lists every reason found."""
+
+    def __init__(self, source: str, problems: Sequence[str]) -> None:
+        self.source = source
+        self.problems = list(problems)
+        super().__init__(f"{source}: " + "; ".join(self.problems))
+
+
+def parse_flag(value: Any) -> bool:
+    """0/1, "0"/"1", true/false, "T"/"F" (any case)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"expected 0/1, true/false or T/F, got {value!r}")
+
+
+def check_regex(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a regular expression as a string, got {value!r}")
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"invalid regular expression {value!r}: {exc}") from None
+    return value
+
+
+def check_aet(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected an AE title as a string, got {value!r}")
+    stripped = value.strip()
+    if not 1 <= len(stripped) <= 16:
+        raise ValueError(f"AE title {value!r} must have 1 to 16 characters")
+    if "\\" in stripped or any(ord(c) < 32 or ord(c) == 127 for c in stripped):
+        raise ValueError(f"AE title {value!r} must not contain a backslash or control characters")
+    return stripped
+
+
+def check_port(value: Any) -> int | str:
+    if value == PORT:
+        return PORT
+    if isinstance(value, bool):
+        raise ValueError(f"expected a port number, got {value!r}")
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ValueError(f'expected a port number 1-65535 or "$port", got {value!r}')
+    return value
+
+
+def check_host(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f'expected a host name, an address or "$me", got {value!r}')
+    if any(c.isspace() for c in value.strip()):
+        raise ValueError(f"host {value!r} contains white space")
+    return value.strip()
+
+
+def parse_tag(value: Any) -> str:
+    """`"0008,103e"`, `"(0008,103E)"`, `"0008103e"` or a keyword → `"0008103E"`."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected a DICOM tag, got {value!r}")
+    text = value.strip()
+    compact = re.sub(r"[\s(),]", "", text)
+    if re.fullmatch(r"[0-9A-Fa-f]{8}", compact) and (text.startswith("(") == text.endswith(")")):
+        return compact.upper()
+    tag = tag_for_keyword(text) if text.isidentifier() else None
+    if tag is not None:
+        return f"{tag:08X}"
+    raise ValueError(
+        f'unknown DICOM tag {value!r}: use "gggg,eeee" (e.g. "0008,103e") '
+        "or a keyword (e.g. SeriesDescription)"
+    )
+
+
+def tag_label(tag: str) -> str:
+    """`0008103E` → `(0008,103E) SeriesDescription` for messages."""
+    keyword = keyword_for_tag(int(tag, 16))
+    return f"({tag[:4]},{tag[4:]})" + (f" {keyword}" if keyword else "")
+
+
+Flag = Annotated[bool, BeforeValidator(parse_flag)]
+Regex = Annotated[str, BeforeValidator(check_regex)]
+AETitle = Annotated[str, BeforeValidator(check_aet)]
+Port = Annotated[int | str, BeforeValidator(check_port)]
+Host = Annotated[str, BeforeValidator(check_host)]
+Tag = Annotated[str, BeforeValidator(parse_tag)]
+
+
+class Destination(BaseModel):
+    """Where one send entry goes, and which files it takes."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    IP: Host
+    PORT: Port
+    AETitleSender: AETitle
+    AETitleTo: AETitle
+    break_: Flag = Field(False, alias="break")
+    which: list[dict[Tag, Regex]] | None = None
+
+    @field_validator("which")
+    @classmethod
+    def _which_not_empty(cls, value: list[dict[str, str]] | None) -> list[dict[str, str]] | None:
+        if value is not None:
+            for i, entry in enumerate(value):
+                if not entry:
+                    raise ValueError(f"which[{i}] is empty: name at least one tag")
+        return value
+
+    def endpoint(self, me: str, port: int) -> Endpoint:
+        """Replace `$me`/`$port` (only as a field's whole value) with this box's address."""
+        return Endpoint(
+            host=me if self.IP == ME else self.IP,
+            port=port if self.PORT == PORT else int(self.PORT),
+            called_aet=self.AETitleTo,
+            calling_aet=self.AETitleSender,
+        )
+
+
+class Rule(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    name: str | None = None
+    AETitleIn: Regex = ".*"
+    AETitleFrom: Regex = ".*"
+    status: Flag = True
+    enabled: Flag = True
+    RouteDirectory: Literal["OUTPUT", "INPUT"] = "OUTPUT"
+    send: list[dict[Regex, Destination]]
+    break_: Flag = Field(False, alias="break")
+
+    @field_validator("RouteDirectory", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("send")
+    @classmethod
+    def _send_not_empty(cls, value: list[dict[str, Destination]]) -> list[dict[str, Destination]]:
+        if not value:
+            raise ValueError("send lists no destination")
+        for i, entry in enumerate(value):
+            if not entry:
+                raise ValueError(f"send[{i}] is an empty object: map a pattern to a destination")
+        return value
+
+    @property
+    def active(self) -> bool:
+        return self.status and self.enabled
+
+
+@dataclass(frozen=True)
+class SendEntry:
+    """One (pattern, destination) pair of a rule's send list, in the order written."""
+
+    index: int
+    pattern: str
+    destination: Destination
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """A validated rule with its position and resolved name."""
+
+    index: int
+    name: str
+    rule: Rule
+    entries: tuple[SendEntry, ...]
+
+    @property
+    def label(self) -> str:
+        return f'rule {self.index} "{self.name}"'
+
+    def uses_tags(self) -> set[str]:
+        return {
+            tag
+            for entry in self.entries
+            for which in entry.destination.which or ()
+            for tag in which
+        }
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    source: str
+    rules: tuple[RuleSpec, ...]
+
+
+def _describe_loc(loc: tuple[Any, ...]) -> str:
+    """('send', 0, 'success', 'PORT') → 'send[0]["success"].PORT'.
+
+    Model fields are shown as `.field`, dict keys (patterns, tags) as `["key"]`, and a
+    problem with the key itself ends in ` (key)`.
+    """
+    fields = set(Rule.model_fields) | set(Destination.model_fields) | {"break"}
+    text = ""
+    previous: Any = None
+    for item in loc:
+        if item == "[key]":
+            text += " (key)"
+        elif isinstance(item, int):
+            text += f"[{item}]"
+        elif item in fields and not isinstance(previous, int):
+            name = "break" if item == "break_" else item
+            text += f".{name}" if text else name
+        else:
+            text += f'["{item}"]' if text else str(item)
+        previous = item
+    return text
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = _describe_loc(tuple(err["loc"]))
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        *parent, key = err["loc"]
+        loc = f"{_describe_loc(tuple(parent))}.{key}" if parent else str(key)
+        msg = "unknown key (check its spelling; keys are case-sensitive)"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    elif err["type"] == "literal_error":
+        msg = f"{msg}, got {err.get('input')!r}"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def _rule_name(raw: Any, index: int) -> str:
+    if isinstance(raw, dict) and isinstance(raw.get("name"), str) and raw["name"].strip():
+        return raw["name"].strip()
+    return f"rule {index}"
+
+
+def parse_config(data: Any, source: str = "<config>") -> RoutingConfig:
+    """Validate parsed JSON; raises ConfigError listing every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(source, ['top level must be an object {"routing": [...]}'])
+    problems = [
+        f"unknown top-level key {key!r} (expected only 'routing')"
+        for key in data
+        if key != "routing"
+    ]
+    raw_rules = data.get("routing")
+    if raw_rules is None:
+        raise ConfigError(source, [*problems, "missing 'routing': the list of rules"])
+    if not isinstance(raw_rules, list):
+        raise ConfigError(source, [*problems, "'routing' must be a list of rules"])
+    rules: list[RuleSpec] = []
+    for index, raw in enumerate(raw_rules, start=1):
+        name = _rule_name(raw, index)
+        where = f'rule {index} "{name}"'
+        if not isinstance(raw, dict):
+            problems.append(f"{where}: must be an object, got {type(raw).__name__}")
+            continue
+        try:
+            rule = Rule.model_validate(raw)
+        except ValidationError as exc:
+            problems.extend(f"{where}: {_format_error(e)}" for e in exc.errors())
+            continue
+        entries = tuple(
+            SendEntry(index=i, pattern=pattern, destination=dest)
+            for i, (pattern, dest) in enumerate(
+                ((p, d) for obj in rule.send for p, d in obj.items()), start=1
+            )
+        )
+        rules.append(RuleSpec(index=index, name=name, rule=rule, entries=entries))
+    if problems:
+        raise ConfigError(source, problems)
+    return RoutingConfig(source=source, rules=tuple(rules))
+
+
+def loads_config(text: str, source: str = "<config>") -> RoutingConfig:
+    try:
+        data = jsonc.loads(text)
+    except jsonc.JsoncError as exc:
+        raise ConfigError(source, [f"not valid JSON: {exc}"]) from None
+    return parse_config(data, source)
+
+
+def load_config(path: Path | str) -> RoutingConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(str(path), ["file not found"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), [f"cannot read: {exc}"]) from None
+    return loads_config(text, str(path))

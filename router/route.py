@@ -1,0 +1,368 @@
+"""Routing a job: rules in order, send entries with break and fail-back (SPEC section 4).
+
+`route_rules` holds the semantics once. It calls its steps (scan a folder, select files,
+deliver to a destination) through a `Steps` object, so that the plain path (`LocalSteps`,
+used by tests and by anything that runs without Prefect) and the Prefect flow (which
+wraps each step in a task) run the very same branching.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from router import routing_log
+from router.config import RoutingConfig, RuleSpec, SendEntry
+from router.job import Job, JobInvalid, load_job
+from router.lock import job_lock
+from router.model import DicomFile, Endpoint, SendError, StoreResult, status_is_transient
+from router.record import Record, Status, now, read_status, write_status
+from router.report import Delivery, EntryOutcome, JobReport, RuleOutcome
+from router.rules import RuleMatch, match_rules
+from router.select import Scan, Selection, scan, select
+from router.send import send_files
+from router.settings import Settings
+
+Progress = Callable[[str, int, int], None]
+"""(destination, files answered so far, files to send) after each answer."""
+
+_MAX_LISTED_FAILURES = 20
+
+
+class Steps(Protocol):
+    def scan(self, directory: str) -> Scan: ...
+    def select(self, rule: RuleSpec, entry: SendEntry, scan: Scan) -> Selection: ...
+    def deliver(self, rule: RuleSpec, entry: SendEntry, files: Sequence[DicomFile]) -> Delivery: ...
+
+
+def scan_tags(config: RoutingConfig, directory: str) -> set[str]:
+    """Every tag any rule filters on in `directory`: one header read per file per job."""
+    return {
+        tag
+        for spec in config.rules
+        if spec.rule.RouteDirectory == directory
+        for tag in spec.uses_tags()
+    }
+
+
+# --- delivering to one destination ------------------------------------------------------
+
+
+@dataclass
+class Attempt:
+    """One attempt at sending what the record says is still missing."""
+
+    failures: dict[str, StoreResult] = field(default_factory=dict)
+    error: SendError | None = None
+    sent: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and self.error is None
+
+    @property
+    def transient(self) -> bool:
+        if self.error is not None:
+            return self.error.transient
+        return all(
+            r.status is None or status_is_transient(r.status) for r in self.failures.values()
+        )
+
+    def reason(self) -> str | None:
+        if self.error is not None:
+            return self.error.reason
+        if not self.failures:
+            return None
+        first = next(iter(self.failures.values()))
+        more = f" (and {len(self.failures) - 1} more)" if len(self.failures) > 1 else ""
+        return f"{len(self.failures)} not stored: {first.file.relpath}: {first.error}{more}"
+
+
+def missing(
+    record: Record, endpoint: Endpoint, files: Sequence[DicomFile], force: bool
+) -> list[DicomFile]:
+    """What still has to go: all but what the record shows stored (by this run, if forced)."""
+    done = record.stored_at(endpoint.key, this_run_only=force)
+    return [f for f in files if f.sop_instance_uid not in done]
+
+
+def attempt_once(
+    record: Record,
+    endpoint: Endpoint,
+    files: Sequence[DicomFile],
+    settings: Settings,
+    attempt: int,
+    force: bool,
+    progress: Progress | None = None,
+) -> Attempt:
+    """Send what is missing once; every answer is in the record before this returns."""
+    todo = missing(record, endpoint, files, force)
+    result = Attempt()
+    if not todo:
+        return result
+    answered = 0
+
+    def on_result(r: StoreResult) -> None:
+        nonlocal answered
+        record.store(endpoint.key, r, attempt)
+        answered += 1
+        if r.stored:
+            result.failures.pop(r.file.sop_instance_uid, None)
+        else:
+            result.failures[r.file.sop_instance_uid] = r
+        if progress:
+            progress(endpoint.key, answered, len(todo))
+
+    try:
+        send_files(endpoint, todo, settings.timeouts(), on_result)
+    except SendError as exc:
+        result.error = exc
+    result.sent = answered
+    return result
+
+
+def summarize(
+    record: Record,
+    endpoint: Endpoint,
+    files: Sequence[DicomFile],
+    force: bool,
+    already: int,
+    attempts: int,
+    seconds: float,
+    last: Attempt | None,
+) -> Delivery:
+    """The entry's delivery as the record tells it after the last attempt."""
+    stored_now = record.stored_at(endpoint.key, this_run_only=True)
+    uids = {f.sop_instance_uid for f in files}
+    left = missing(record, endpoint, files, force)
+    failures = []
+    for f in left[:_MAX_LISTED_FAILURES]:
+        answer = last.failures.get(f.sop_instance_uid) if last else None
+        failures.append(
+            {
+                "file": f.relpath,
+                "status": None
+                if answer is None or answer.status is None
+                else f"0x{answer.status:04X}",
+                "reason": (answer.error if answer else None)
+                or (last.reason() if last else None)
+                or "not sent",
+            }
+        )
+    return Delivery(
+        destination=str(endpoint),
+        selected=len(files),
+        already=already,
+        stored=len(stored_now & uids),
+        failed=len(left),
+        attempts=attempts,
+        seconds=seconds,
+        error=last.reason() if last and left else None,
+        transient=bool(last and left and last.transient),
+        failures=failures,
+    )
+
+
+def deliver_with_retries(
+    record: Record,
+    endpoint: Endpoint,
+    files: Sequence[DicomFile],
+    settings: Settings,
+    force: bool,
+    progress: Progress | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Delivery:
+    """Attempt, and retry transient failures with backoff; permanent ones fail at once."""
+    already = len(files) - len(missing(record, endpoint, files, force))
+    delays = settings.retry_delays()
+    start = time.monotonic()
+    last: Attempt | None = None
+    attempts = 0
+    for attempt in range(1, len(delays) + 2):
+        if not missing(record, endpoint, files, force):
+            break
+        attempts = attempt
+        last = attempt_once(record, endpoint, files, settings, attempt, force, progress)
+        if last.ok or not last.transient or attempt > len(delays):
+            break
+        routing_log.retry(record.job_dir, endpoint, attempt, delays[attempt - 1], last.reason())
+        sleep(delays[attempt - 1])
+    seconds = time.monotonic() - start
+    return summarize(record, endpoint, files, force, already, attempts, seconds, last)
+
+
+# --- the rules ------------------------------------------------------------------------------
+
+
+@dataclass
+class Routing:
+    rules: list[RuleOutcome] = field(default_factory=list)
+    not_evaluated_rules: list[int] = field(default_factory=list)
+    """Rules left after a rule with break: 1 succeeded."""
+    scans: dict[str, Scan] = field(default_factory=dict)
+
+    def skipped_files(self) -> dict[str, list[dict[str, str]]]:
+        return {
+            d: [{"file": s.relpath, "reason": s.reason} for s in scan.skipped]
+            for d, scan in self.scans.items()
+            if scan.skipped
+        }
+
+
+def route_rules(matches: Sequence[RuleMatch], steps: Steps) -> Routing:
+    """Route every applying rule in order until a rule with break: 1 succeeds."""
+    routing = Routing()
+    outcomes = routing.rules
+    scans = routing.scans
+    for position, match in enumerate(matches):
+        spec = match.spec
+        outcome = RuleOutcome(
+            index=spec.index,
+            name=spec.name,
+            applied=match.applies,
+            why_not=match.why_not,
+            directory=spec.rule.RouteDirectory,
+            not_matching=[e.entry.index for e in match.entries if not e.matches],
+        )
+        outcomes.append(outcome)
+        if not match.applies:
+            continue
+        directory = spec.rule.RouteDirectory
+        if directory not in scans:
+            scans[directory] = steps.scan(directory)
+        folder = scans[directory]
+        matching = match.matching
+        for n, entry in enumerate(matching):
+            dest = entry.destination
+            selection = steps.select(spec, entry, folder)
+            result = EntryOutcome(
+                index=entry.index,
+                pattern=entry.pattern,
+                destination=f"{dest.AETitleTo}@{dest.IP}:{dest.PORT}",
+                break_=dest.break_,
+                state="skipped",
+                selected=len(selection.selected),
+                excluded=len(selection.excluded),
+            )
+            outcome.entries.append(result)
+            if not selection.selected:
+                result.reason = folder.note or (
+                    "no file passes the which filter" if selection.excluded else "no DICOM files"
+                )
+                continue
+            delivery = steps.deliver(spec, entry, selection.selected)
+            result.delivery = delivery
+            result.destination = delivery.destination
+            result.state = "succeeded" if delivery.ok else "failed"
+            result.reason = delivery.error
+            if delivery.ok and dest.break_:
+                outcome.not_evaluated = [e.index for e in matching[n + 1 :]]
+                break
+        _mark_covered(outcome.entries)
+        if outcome.succeeded and spec.rule.break_:
+            outcome.stopped_later_rules = True
+            routing.not_evaluated_rules = [m.spec.index for m in matches[position + 1 :]]
+            break
+    return routing
+
+
+def _mark_covered(entries: list[EntryOutcome]) -> None:
+    """A failed entry with break: 1 is covered when a later entry of the rule succeeded."""
+    for i, entry in enumerate(entries):
+        if entry.state == "failed" and entry.break_:
+            entry.covered = any(later.state == "succeeded" for later in entries[i + 1 :])
+
+
+# --- the plain path -------------------------------------------------------------------------
+
+
+@dataclass
+class LocalSteps:
+    """The steps run in this process, without Prefect."""
+
+    job: Job
+    config: RoutingConfig
+    settings: Settings
+    record: Record
+    force: bool = False
+    progress: Progress | None = None
+
+    def scan(self, directory: str) -> Scan:
+        return scan(self.job.path, directory, scan_tags(self.config, directory))
+
+    def select(self, rule: RuleSpec, entry: SendEntry, scan: Scan) -> Selection:
+        return select(scan.files, entry.destination.which)
+
+    def deliver(self, rule: RuleSpec, entry: SendEntry, files: Sequence[DicomFile]) -> Delivery:
+        endpoint = entry.destination.endpoint(self.settings.me, self.settings.port)
+        delivery = deliver_with_retries(
+            self.record, endpoint, files, self.settings, self.force, self.progress
+        )
+        routing_log.entry(self.job, rule, entry, delivery)
+        return delivery
+
+
+def new_report(job: Job, record: Record, force: bool) -> JobReport:
+    return JobReport(
+        job=str(job.path),
+        called=job.called,
+        caller=job.caller,
+        success=job.success,
+        message=job.message,
+        forced=force,
+        run_id=record.run_id or "",
+        started=now(),
+    )
+
+
+def finish(report: JobReport, record: Record, routing: Routing) -> Status:
+    """Close the record with the report's outcome and log the job's line."""
+    report.rules = routing.rules
+    report.not_evaluated_rules = routing.not_evaluated_rules
+    report.skipped_files = routing.skipped_files()
+    report.finished = now()
+    status = record.end(report.state, report.reason(), report.rows())
+    routing_log.job_done(report)
+    return status
+
+
+def mark_invalid(job_dir: Path, error: JobInvalid) -> None:
+    """Keep the reason in the job's status so sweeps and users see why it is not routed."""
+    previous = read_status(job_dir)
+    runs = previous.runs if previous else 0
+    failures = previous.consecutive_failures if previous else 0
+    write_status(job_dir, Status("invalid", runs, failures, now(), str(error)))
+    routing_log.invalid(job_dir, error)
+
+
+def route_job(
+    job_dir: Path | str,
+    config: RoutingConfig,
+    settings: Settings,
+    *,
+    force: bool = False,
+    origin: str = "direct",
+    progress: Progress | None = None,
+) -> JobReport:
+    """Route one job without Prefect; raises JobWaiting, JobInvalid or JobLocked."""
+    path = Path(job_dir).absolute()
+    if not path.is_dir():
+        raise JobInvalid(path, "not a job folder (no such directory)")
+    with job_lock(path):
+        try:
+            job = load_job(path)
+        except JobInvalid as exc:
+            mark_invalid(path, exc)
+            raise
+        record = Record(job.path)
+        record.begin(forced=force, origin=origin)
+        try:
+            report = new_report(job, record, force)
+            steps = LocalSteps(job, config, settings, record, force, progress)
+            finish(report, record, route_rules(match_rules(config, job), steps))
+            return report
+        finally:
+            record.close()

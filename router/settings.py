@@ -1,0 +1,42 @@
+"""Settings from the environment (prefix `DICOM_ROUTER_`), overridable by CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from router.model import Timeouts
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DICOM_ROUTER_", extra="ignore")
+
+    config: Path | None = Field(None, description="Routing configuration file (JSON).")
+    me: str = Field("127.0.0.1", description="This box's address: the value of $me.")
+    port: int = Field(104, ge=1, le=65535, description="This box's DICOM port: $port.")
+    log_file: Path = Field(Path("/data/logs/routing.log"), description="The routing log.")
+
+    connect_timeout: float = Field(10.0, gt=0, description="TCP connect, seconds.")
+    acse_timeout: float = Field(30.0, gt=0, description="Association set-up, seconds.")
+    dimse_timeout: float = Field(60.0, gt=0, description="Waiting for a C-STORE answer.")
+    network_timeout: float = Field(60.0, gt=0, description="Silence on an association.")
+    max_pdu: int = Field(0, ge=0, description="Largest PDU we receive; 0: no limit.")
+
+    retries: int = Field(3, ge=0, description="Retries of a transient send failure.")
+    retry_delay: float = Field(5.0, ge=0, description="First retry's delay, seconds.")
+    retry_backoff: float = Field(2.0, ge=1, description="Each further delay is this × longer.")
+
+    def timeouts(self) -> Timeouts:
+        return Timeouts(
+            connect=self.connect_timeout,
+            acse=self.acse_timeout,
+            dimse=self.dimse_timeout,
+            network=self.network_timeout,
+            max_pdu=self.max_pdu,
+        )
+
+    def retry_delays(self) -> list[float]:
+        """Delay before each retry: 5, 10, 20 s with the defaults."""
+        return [self.retry_delay * self.retry_backoff**i for i in range(self.retries)]
