@@ -9,7 +9,9 @@ wraps each step in a task) run the very same branching.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -31,11 +33,30 @@ Progress = Callable[[str, int, int], None]
 
 _MAX_LISTED_FAILURES = 20
 
+_progress: ContextVar[Progress | None] = ContextVar("router_progress", default=None)
+
+
+def current_progress() -> Progress | None:
+    return _progress.get()
+
+
+@contextmanager
+def reporting_progress(callback: Progress | None) -> Iterator[None]:
+    """Report send progress to `callback` for sends started in this context (a terminal)."""
+    token = _progress.set(callback)
+    try:
+        yield
+    finally:
+        _progress.reset(token)
+
 
 class Steps(Protocol):
+    def endpoint(self, entry: SendEntry) -> Endpoint: ...
     def scan(self, directory: str) -> Scan: ...
     def select(self, rule: RuleSpec, entry: SendEntry, scan: Scan) -> Selection: ...
-    def deliver(self, rule: RuleSpec, entry: SendEntry, files: Sequence[DicomFile]) -> Delivery: ...
+    def deliver(
+        self, rule: RuleSpec, entry: SendEntry, endpoint: Endpoint, files: Sequence[DicomFile]
+    ) -> Delivery: ...
 
 
 def scan_tags(config: RoutingConfig, directory: str) -> set[str]:
@@ -55,6 +76,8 @@ def scan_tags(config: RoutingConfig, directory: str) -> set[str]:
 class Attempt:
     """One attempt at sending what the record says is still missing."""
 
+    number: int = 0
+    """1 for the first attempt; 0 when nothing was missing and nothing was sent."""
     failures: dict[str, StoreResult] = field(default_factory=dict)
     error: SendError | None = None
     sent: int = 0
@@ -103,6 +126,7 @@ def attempt_once(
     result = Attempt()
     if not todo:
         return result
+    result.number = attempt
     answered = 0
 
     def on_result(r: StoreResult) -> None:
@@ -237,11 +261,12 @@ def route_rules(matches: Sequence[RuleMatch], steps: Steps) -> Routing:
         matching = match.matching
         for n, entry in enumerate(matching):
             dest = entry.destination
+            endpoint = steps.endpoint(entry)
             selection = steps.select(spec, entry, folder)
             result = EntryOutcome(
                 index=entry.index,
                 pattern=entry.pattern,
-                destination=f"{dest.AETitleTo}@{dest.IP}:{dest.PORT}",
+                destination=str(endpoint),
                 break_=dest.break_,
                 state="skipped",
                 selected=len(selection.selected),
@@ -253,9 +278,8 @@ def route_rules(matches: Sequence[RuleMatch], steps: Steps) -> Routing:
                     "no file passes the which filter" if selection.excluded else "no DICOM files"
                 )
                 continue
-            delivery = steps.deliver(spec, entry, selection.selected)
+            delivery = steps.deliver(spec, entry, endpoint, selection.selected)
             result.delivery = delivery
-            result.destination = delivery.destination
             result.state = "succeeded" if delivery.ok else "failed"
             result.reason = delivery.error
             if delivery.ok and dest.break_:
@@ -290,16 +314,25 @@ class LocalSteps:
     force: bool = False
     progress: Progress | None = None
 
+    def endpoint(self, entry: SendEntry) -> Endpoint:
+        return entry.destination.endpoint(self.settings.me, self.settings.port)
+
     def scan(self, directory: str) -> Scan:
         return scan(self.job.path, directory, scan_tags(self.config, directory))
 
     def select(self, rule: RuleSpec, entry: SendEntry, scan: Scan) -> Selection:
         return select(scan.files, entry.destination.which)
 
-    def deliver(self, rule: RuleSpec, entry: SendEntry, files: Sequence[DicomFile]) -> Delivery:
-        endpoint = entry.destination.endpoint(self.settings.me, self.settings.port)
+    def deliver(
+        self, rule: RuleSpec, entry: SendEntry, endpoint: Endpoint, files: Sequence[DicomFile]
+    ) -> Delivery:
         delivery = deliver_with_retries(
-            self.record, endpoint, files, self.settings, self.force, self.progress
+            self.record,
+            endpoint,
+            files,
+            self.settings,
+            self.force,
+            self.progress or current_progress(),
         )
         routing_log.entry(self.job, rule, entry, delivery)
         return delivery
@@ -351,7 +384,7 @@ def route_job(
     path = Path(job_dir).absolute()
     if not path.is_dir():
         raise JobInvalid(path, "not a job folder (no such directory)")
-    with job_lock(path):
+    with routing_log.writing_to(settings.log_file), job_lock(path):
         try:
             job = load_job(path)
         except JobInvalid as exc:

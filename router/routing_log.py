@@ -1,7 +1,7 @@
 """The routing log: one line per step (the seed's `/data/logs/routing.log`).
 
 Lines go to the `router.routing` logger, so they also reach Prefect's run logs and any
-logging configuration a site has; `attach` adds the file handler for the configured
+logging configuration a site has; `writing_to` adds the file handler for the configured
 path. Format: time, job, rule, destination, counts, outcome, as `key=value` pairs that
 grep and awk can read.
 """
@@ -9,6 +9,8 @@ grep and awk can read.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,12 +29,14 @@ class LogFileError(OSError):
     """The routing log cannot be written; routing refuses rather than run unlogged."""
 
 
-def attach(path: Path) -> logging.Handler:
-    """Write the routing log to `path` (once per path per process)."""
+@contextmanager
+def writing_to(path: Path) -> Iterator[None]:
+    """Write the routing log to `path` for the duration of one routing run.
+
+    Scoped rather than installed once, so that runs with different log files in one
+    process (tests, a worker serving several sites) each write only their own lines.
+    """
     path = Path(path).absolute()
-    for handler in logger.handlers:
-        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename) == path:
-            return handler
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(path, encoding="utf-8")
@@ -43,8 +47,13 @@ def attach(path: Path) -> logging.Handler:
         ) from None
     handler.setFormatter(logging.Formatter(FORMAT))
     logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    return handler
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
 
 
 def _q(value: object) -> str:

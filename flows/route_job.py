@@ -1,0 +1,254 @@
+"""The `route-job` flow: one job folder, routed by the rules, as Prefect tasks.
+
+Thin on purpose: the branching (rules in order, break, fail-back, covered entries) is
+`router.route.route_rules`, the same code the plain path runs. This module only turns
+its steps into tasks, so that each scan, selection and send shows in the UI with its own
+state and retries, and ends the run with a table of what went where.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run, task_run
+from prefect.states import State
+
+from router import routing_log
+from router.config import RoutingConfig, RuleSpec, SendEntry, load_config
+from router.job import Job, JobInvalid, load_job
+from router.lock import job_lock
+from router.model import DicomFile, Endpoint
+from router.record import Record
+from router.report import Delivery, JobReport
+from router.route import (
+    Attempt,
+    attempt_once,
+    current_progress,
+    finish,
+    mark_invalid,
+    missing,
+    new_report,
+    route_rules,
+    scan_tags,
+    summarize,
+)
+from router.rules import RuleMatch, match_rules
+from router.select import Scan, Selection, scan, select
+from router.settings import Settings
+
+
+class RoutingFailed(Exception):
+    """The job was routed and some rule failed; the report says where and why."""
+
+    def __init__(self, report: JobReport) -> None:
+        super().__init__(f"routing failed: {report.reason()}")
+        self.report = report
+
+
+class TransientSendFailure(Exception):
+    """Raised by the send task so that Prefect retries it with backoff."""
+
+    def __init__(self, attempt: Attempt) -> None:
+        super().__init__(attempt.reason())
+        self.attempt = attempt
+
+
+def _job_run_name() -> str:
+    return Path(str(flow_run.parameters["job_dir"])).name
+
+
+@task(name="load-job", cache_policy=NO_CACHE)
+def load_job_task(job_dir: Path) -> Job:
+    return load_job(job_dir)
+
+
+@task(name="match-rules", cache_policy=NO_CACHE)
+def match_rules_task(config: RoutingConfig, job: Job) -> tuple[RuleMatch, ...]:
+    matches = match_rules(config, job)
+    logger = get_run_logger()
+    for m in matches:
+        logger.info("%s: %s", m.spec.label, "applies" if m.applies else m.why_not)
+    return matches
+
+
+@task(name="scan-files", task_run_name="scan {directory}", cache_policy=NO_CACHE)
+def scan_task(job_dir: Path, directory: str, tags: set[str]) -> Scan:
+    result = scan(job_dir, directory, tags)
+    if result.skipped:
+        get_run_logger().warning(
+            "%d file(s) in %s skipped: %s",
+            len(result.skipped),
+            directory,
+            "; ".join(f"{s.relpath}: {s.reason}" for s in result.skipped[:10]),
+        )
+    return result
+
+
+@task(name="select-files", cache_policy=NO_CACHE)
+def select_task(files: Sequence[DicomFile], which: Any) -> Selection:
+    return select(files, which)
+
+
+def _transient_only(task: Any, run: Any, state: State) -> bool:
+    """Retry transient failures; a permanent one (or a bug) fails the task at once."""
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, TransientSendFailure)
+
+
+@task(name="send", cache_policy=NO_CACHE, retry_condition_fn=_transient_only)
+def send_task(
+    record: Record, endpoint: Endpoint, files: Sequence[DicomFile], settings: Settings, force: bool
+) -> Attempt:
+    """One attempt at what the record says is missing; Prefect retries the transient."""
+    attempt = attempt_once(
+        record, endpoint, files, settings, task_run.run_count, force, current_progress()
+    )
+    if not attempt.ok and attempt.transient:
+        delays = settings.retry_delays()
+        if task_run.run_count <= len(delays):
+            delay = delays[task_run.run_count - 1]
+            routing_log.retry(record.job_dir, endpoint, task_run.run_count, delay, attempt.reason())
+        raise TransientSendFailure(attempt)
+    return attempt
+
+
+@dataclass
+class FlowSteps:
+    """`router.route.Steps` as Prefect tasks."""
+
+    job: Job
+    config: RoutingConfig
+    settings: Settings
+    record: Record
+    force: bool
+
+    def endpoint(self, entry: SendEntry) -> Endpoint:
+        return entry.destination.endpoint(self.settings.me, self.settings.port)
+
+    def scan(self, directory: str) -> Scan:
+        return scan_task(self.job.path, directory, scan_tags(self.config, directory))
+
+    def select(self, rule: RuleSpec, entry: SendEntry, scan: Scan) -> Selection:
+        name = f"select {rule.index}.{entry.index} {entry.destination.AETitleTo}"
+        return select_task.with_options(task_run_name=name)(scan.files, entry.destination.which)
+
+    def deliver(
+        self, rule: RuleSpec, entry: SendEntry, endpoint: Endpoint, files: Sequence[DicomFile]
+    ) -> Delivery:
+        already = len(files) - len(missing(self.record, endpoint, files, self.force))
+        send = send_task.with_options(
+            task_run_name=f"send {rule.index}.{entry.index} → {endpoint.key}",
+            retries=self.settings.retries,
+            retry_delay_seconds=self.settings.retry_delays() or 0,
+        )
+        start = time.monotonic()
+        state = send(self.record, endpoint, files, self.settings, self.force, return_state=True)
+        outcome = state.result(raise_on_failure=False)
+        if isinstance(outcome, TransientSendFailure):
+            last: Attempt | None = outcome.attempt
+        elif isinstance(outcome, Attempt):
+            last = outcome
+        else:  # an unexpected error is a bug: fail the run with it rather than hide it
+            raise outcome
+        attempts = last.number if last else 0
+        delivery = summarize(
+            self.record,
+            endpoint,
+            files,
+            self.force,
+            already,
+            attempts,
+            time.monotonic() - start,
+            last,
+        )
+        routing_log.entry(self.job, rule, entry, delivery)
+        return delivery
+
+
+def _artifact_key(job: Job) -> str:
+    return "route-" + (re.sub(r"[^a-z0-9-]+", "-", job.name.lower()).strip("-") or "job")
+
+
+def _markdown(report: JobReport) -> str:
+    lines = [
+        f"**{report.state}** · job `{report.job}` · success `{report.success}`",
+        f"called `{report.called}` · caller `{report.caller}` · forced: {report.forced}",
+    ]
+    if report.reason():
+        lines.append(f"reason: {report.reason()}")
+    for rule in report.rules:
+        if not rule.applied:
+            lines.append(f'- rule {rule.index} "{rule.name}": not applied ({rule.why_not})')
+    for folder, skipped in report.skipped_files.items():
+        lines.append(f"- {len(skipped)} non-DICOM or unreadable file(s) in {folder} skipped")
+    return "\n\n".join(lines)
+
+
+@flow(name="route-job", flow_run_name=_job_run_name, validate_parameters=False)
+def route_job_flow(
+    job_dir: str,
+    config: str | None = None,
+    force: bool = False,
+    me: str | None = None,
+    port: int | None = None,
+    log_file: str | None = None,
+    origin: str = "prefect",
+) -> dict[str, Any]:
+    """Route one job folder; the run fails when any rule fails.
+
+    Parameters left empty come from the worker's `DICOM_ROUTER_*` environment.
+    """
+    overrides = {"config": config, "me": me, "port": port, "log_file": log_file}
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    if settings.config is None:
+        raise ValueError("no routing configuration: set DICOM_ROUTER_CONFIG or pass config")
+    cfg = load_config(settings.config)
+    path = Path(job_dir).absolute()
+    if not path.is_dir():
+        raise JobInvalid(path, "not a job folder (no such directory)")
+    with routing_log.writing_to(settings.log_file), job_lock(path):
+        try:
+            job = load_job_task(path)
+        except JobInvalid as exc:
+            mark_invalid(path, exc)
+            raise
+        record = Record(job.path)
+        record.begin(forced=force, origin=origin)
+        try:
+            report = new_report(job, record, force)
+            matches = match_rules_task(cfg, job)
+            routing = route_rules(matches, FlowSteps(job, cfg, settings, record, force))
+            finish(report, record, routing)
+        finally:
+            record.close()
+    create_table_artifact(
+        key=_artifact_key(job),
+        table=report.rows() or [{"outcome": "no rule applied"}],
+        description=_markdown(report),
+    )
+    if report.state == "failed":
+        raise RoutingFailed(report)
+    return report.to_dict()
+
+
+def run_route_job(
+    job_dir: Path, settings: Settings, *, force: bool = False, origin: str = "cli"
+) -> dict[str, Any]:
+    """Run the flow in this process (ephemeral API, or PREFECT_API_URL's server)."""
+    return route_job_flow(
+        job_dir=str(job_dir),
+        config=str(settings.config) if settings.config else None,
+        force=force,
+        me=settings.me,
+        port=settings.port,
+        log_file=str(settings.log_file),
+        origin=origin,
+    )

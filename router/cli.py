@@ -1,0 +1,275 @@
+"""`dicom-router`: route, explain, validate, echo.
+
+Exit codes of `route`: 0 routed (also when no rule applied), 1 routing failed for some
+destination, 2 bad input (configuration, info.json or proc.json; the message names the
+file), 3 not ready (no proc.json yet, or another routing holds the job's lock).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+
+from router.config import ConfigError, RoutingConfig, load_config
+from router.job import JobInvalid, JobWaiting, load_job
+from router.lock import JobLocked
+from router.model import Endpoint, SendError
+from router.routing_log import LogFileError
+from router.settings import Settings
+
+EXIT_ROUTED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NOT_READY = 0, 1, 2, 3
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Route the DICOM results of processing jobs to PACS and other DICOM nodes, by rules.",
+)
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="Routing rules (JSON). Env: DICOM_ROUTER_CONFIG."),
+]
+MeOpt = Annotated[str | None, typer.Option(help="This box's address ($me). Env: DICOM_ROUTER_ME.")]
+PortOpt = Annotated[
+    int | None, typer.Option(help="This box's port ($port). Env: DICOM_ROUTER_PORT.")
+]
+
+
+def err(message: str) -> None:
+    typer.echo(f"dicom-router: {message}", err=True)
+
+
+def make_settings(**overrides: Any) -> Settings:
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        for e in exc.errors():
+            err(f"setting {'.'.join(map(str, e['loc']))}: {e['msg']}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
+def read_config(settings: Settings) -> RoutingConfig:
+    if settings.config is None:
+        err("no routing configuration: pass --config FILE or set DICOM_ROUTER_CONFIG")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    try:
+        return load_config(settings.config)
+    except ConfigError as exc:
+        err(f"{exc.source}: invalid routing configuration")
+        for problem in exc.problems:
+            typer.echo(f"  {problem}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
+@app.command()
+def route(
+    job_dir: Annotated[Path, typer.Argument(help="The job folder (info.json, proc.json, ...).")],
+    config: ConfigOpt = None,
+    me: MeOpt = None,
+    port: PortOpt = None,
+    log_file: Annotated[
+        Path | None, typer.Option(help="Routing log. Env: DICOM_ROUTER_LOG_FILE.")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Send again what the record says was delivered.")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the job's report as JSON.")
+    ] = False,
+) -> None:
+    """Route one job through the `route-job` flow."""
+    settings = make_settings(config=config, me=me, port=port, log_file=log_file)
+    read_config(settings)  # refuse a bad configuration before starting Prefect
+    job_path = job_dir.absolute()
+    if not job_path.is_dir():
+        err(f"{job_path}: not a job folder (no such directory)")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    if not (job_path / "proc.json").exists():
+        err(f"{job_path}: not ready: no proc.json yet, the computation has not finished")
+        raise typer.Exit(EXIT_NOT_READY)
+
+    from flows.route_job import RoutingFailed, run_route_job
+
+    code = EXIT_ROUTED
+    try:
+        with _progress_display():
+            report = run_route_job(job_path, settings, force=force, origin="cli")
+    except RoutingFailed as exc:
+        report, code = exc.report.to_dict(), EXIT_FAILED
+    except (JobWaiting, JobLocked) as exc:
+        err(f"not ready: {exc}")
+        raise typer.Exit(EXIT_NOT_READY) from None
+    except (JobInvalid, ConfigError, LogFileError) as exc:
+        err(str(exc))
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        _print_report(report)
+    raise typer.Exit(code)
+
+
+def _progress_display() -> Any:
+    """A progress bar per destination on a terminal; nothing when output is piped."""
+    from contextlib import nullcontext
+
+    from router.route import reporting_progress
+
+    if not sys.stderr.isatty():
+        return nullcontext()
+    from rich.progress import Progress
+
+    bars: dict[str, Any] = {}
+    progress = Progress(transient=True)
+
+    def update(dest: str, done: int, total: int) -> None:
+        if dest not in bars:
+            bars[dest] = progress.add_task(f"→ {dest}", total=total)
+        progress.update(bars[dest], completed=done, total=total)
+
+    class _Both:
+        def __enter__(self) -> None:
+            progress.__enter__()
+            self._ctx = reporting_progress(update)
+            self._ctx.__enter__()
+
+        def __exit__(self, *exc: object) -> None:
+            self._ctx.__exit__(*exc)
+            progress.__exit__(*exc)
+
+    return _Both()
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    typer.echo(f"{report['state']}: {report['job']} (success {report['success']!r})")
+    for rule in report["rules"]:
+        head = f'  rule {rule["index"]} "{rule["name"]}"'
+        if not rule["applied"]:
+            typer.echo(f"{head}: not applied: {rule['why_not']}")
+            continue
+        typer.echo(f"{head}: {'failed' if rule['failed'] else 'ok'}")
+        for e in rule["entries"]:
+            d = e["delivery"] or {}
+            state = "failed (covered by a later entry)" if e["covered"] else e["state"]
+            counts = (
+                f"{d.get('stored', 0)} stored, {d.get('already', 0)} already there, "
+                f"{d.get('failed', 0)} failed of {e['selected']}"
+            )
+            typer.echo(f"    {e['pattern']!r} → {e['destination']}: {state}: {counts}")
+            if e["reason"]:
+                typer.echo(f"      reason: {e['reason']}")
+    if report["not_evaluated_rules"]:
+        typer.echo(f"  rules not evaluated after a break: {report['not_evaluated_rules']}")
+    for folder, skipped in report["skipped_files"].items():
+        typer.echo(f"  {len(skipped)} file(s) in {folder} skipped (not DICOM or unreadable)")
+
+
+@app.command()
+def explain(
+    job_dir: Annotated[Path, typer.Argument(help="The job folder.")],
+    config: ConfigOpt = None,
+    me: MeOpt = None,
+    port: PortOpt = None,
+    success: Annotated[
+        str | None, typer.Option(help="Explain for this success string instead of proc.json's.")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="Files listed per entry.")] = 10,
+) -> None:
+    """Show what routing would do, rule by rule, entry by entry, without sending."""
+    from dataclasses import replace
+
+    from router import explain as explaining
+    from router.job import read_info
+
+    settings = make_settings(config=config, me=me, port=port)
+    cfg = read_config(settings)
+    try:
+        try:
+            job = load_job(job_dir)
+        except JobWaiting:
+            if success is None:
+                err(f"{job_dir}: no proc.json yet; pass --success STRING to explain anyway")
+                raise typer.Exit(EXIT_NOT_READY) from None
+            from router.job import Job
+
+            info = read_info(job_dir.absolute())
+            job = Job(
+                job_dir.absolute(),
+                info.AETitleCalled,
+                info.AETitleCaller,
+                info.CallerIP,
+                info.received,
+                success,
+                "",
+                (),
+            )
+    except JobInvalid as exc:
+        err(str(exc))
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    if success is not None:
+        job = replace(job, success=success)
+    views, scans = explaining.explain(job, cfg, settings)
+    for line in explaining.render(job, views, scans, limit):
+        typer.echo(line)
+
+
+@app.command()
+def validate(file: Annotated[Path, typer.Argument(help="Routing configuration (JSON).")]) -> None:
+    """Check a routing configuration: exit 0 and a summary, or 2 and every problem."""
+    try:
+        cfg = load_config(file)
+    except ConfigError as exc:
+        err(f"{exc.source}: {len(exc.problems)} problem(s)")
+        for problem in exc.problems:
+            typer.echo(f"  {problem}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    active = sum(1 for r in cfg.rules if r.rule.active)
+    typer.echo(f"{file}: valid, {len(cfg.rules)} rule(s), {active} active")
+    for spec in cfg.rules:
+        r = spec.rule
+        state = "active" if r.active else "inactive"
+        typer.echo(
+            f"  {spec.label} [{state}] AETitleIn {r.AETitleIn!r} AETitleFrom {r.AETitleFrom!r} "
+            f"sends {r.RouteDirectory}/{', break: 1' if r.break_ else ''}"
+        )
+        for e in spec.entries:
+            d = e.destination
+            extra = (", break: 1" if d.break_ else "") + (f", which {d.which}" if d.which else "")
+            typer.echo(
+                f"    {e.pattern!r} → {d.AETitleTo}@{d.IP}:{d.PORT} as {d.AETitleSender}{extra}"
+            )
+
+
+@app.command()
+def echo(
+    host: Annotated[str, typer.Argument(help="Destination host.")],
+    port: Annotated[int, typer.Argument(help="Destination port.")],
+    aet: Annotated[str, typer.Argument(help="Destination (called) AE title.")],
+    our_aet: Annotated[str, typer.Option("--aet", help="Our (calling) AE title.")] = "DICOM-ROUTER",
+) -> None:
+    """C-ECHO a destination, to check it while setting it up."""
+    from router.send import echo as c_echo
+
+    settings = make_settings()
+    endpoint = Endpoint(host=host, port=port, called_aet=aet, calling_aet=our_aet)
+    start = time.monotonic()
+    try:
+        status = c_echo(endpoint, settings.timeouts())
+    except SendError as exc:
+        err(f"C-ECHO to {endpoint} failed: {exc.reason}")
+        raise typer.Exit(EXIT_FAILED) from None
+    ms = (time.monotonic() - start) * 1000
+    if status != 0:
+        err(f"C-ECHO to {endpoint}: status 0x{status:04X}")
+        raise typer.Exit(EXIT_FAILED)
+    typer.echo(f"C-ECHO to {endpoint}: success in {ms:.0f} ms")
+
+
+def main() -> None:
+    app()
