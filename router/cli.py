@@ -8,6 +8,7 @@ file), 3 not ready (no proc.json yet, or another routing holds the job's lock).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -272,4 +273,7 @@ def echo(
 
 
 def main() -> None:
+    # Prefect's ephemeral server sends usage telemetry unless told otherwise; a router on a
+    # hospital network should not try to reach the internet. A site can still opt in.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     app()

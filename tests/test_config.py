@@ -94,8 +94,20 @@ def test_defaults() -> None:
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [(0, False), (1, True), ("0", False), ("1", True), (True, True), (False, False),
-     ("T", True), ("F", False), ("t", True), ("f", False), ("true", True), ("false", False)],
+    [
+        (0, False),
+        (1, True),
+        ("0", False),
+        ("1", True),
+        (True, True),
+        (False, False),
+        ("T", True),
+        ("F", False),
+        ("t", True),
+        ("f", False),
+        ("true", True),
+        ("false", False),
+    ],
 )
 def test_flags(value: object, expected: bool) -> None:
     rule = loads_config(config({"status": value, "send": [{".*": DEST}]})).rules[0].rule
@@ -104,8 +116,9 @@ def test_flags(value: object, expected: bool) -> None:
 
 def test_unknown_key_is_refused_with_rule_and_field() -> None:
     found = problems(config({"name": "CT out", "AETitelIn": "X", "send": [{".*": DEST}]}))
-    assert found == ['rule 1 "CT out": AETitelIn: unknown key (check its spelling; keys are '
-                     "case-sensitive)"]
+    assert found == [
+        'rule 1 "CT out": AETitelIn: unknown key (check its spelling; keys are case-sensitive)'
+    ]
 
 
 def test_every_problem_is_listed_with_rule_position_name_and_field() -> None:
@@ -152,15 +165,22 @@ def test_destination_problems(dest: dict, needle: str) -> None:
 
 def test_port_as_numeric_string_and_placeholders() -> None:
     dest = {**DEST, "PORT": " 4006 "}
-    assert loads_config(config({"send": [{".*": dest}]})).rules[0].entries[0].destination.PORT == 4006
+    assert (
+        loads_config(config({"send": [{".*": dest}]})).rules[0].entries[0].destination.PORT == 4006
+    )
     dest = {**DEST, "IP": "$me", "PORT": "$port"}
     endpoint = loads_config(config({"send": [{".*": dest}]})).rules[0].entries[0].destination
     assert endpoint.endpoint("127.0.0.1", 104).port == 104
     # only a field's whole value is a placeholder
     dest = {**DEST, "IP": "$me.example"}
-    assert loads_config(config({"send": [{".*": dest}]})).rules[0].entries[0].destination.endpoint(
-        "127.0.0.1", 104
-    ).host == "$me.example"
+    assert (
+        loads_config(config({"send": [{".*": dest}]}))
+        .rules[0]
+        .entries[0]
+        .destination.endpoint("127.0.0.1", 104)
+        .host
+        == "$me.example"
+    )
 
 
 @pytest.mark.parametrize(
@@ -192,8 +212,13 @@ def test_multiple_keys_in_one_send_object_keep_their_order() -> None:
 
 @pytest.mark.parametrize(
     ("text", "tag"),
-    [("0008,103e", "0008103E"), ("(0008,103E)", "0008103E"), ("0008103e", "0008103E"),
-     ("SeriesDescription", "0008103E"), (" (0010,0010) ", "00100010")],
+    [
+        ("0008,103e", "0008103E"),
+        ("(0008,103E)", "0008103E"),
+        ("0008103e", "0008103E"),
+        ("SeriesDescription", "0008103E"),
+        (" (0010,0010) ", "00100010"),
+    ],
 )
 def test_tag_forms(text: str, tag: str) -> None:
     assert parse_tag(text) == tag

@@ -14,7 +14,12 @@ from tests.factory import write_job
 def test_reads_a_job(tmp_path: Path) -> None:
     write_job(tmp_path / "job", n_output=1, n_input=0, success="partial", message="2 of 3")
     job = load_job(tmp_path / "job")
-    assert (job.called, job.caller, job.success, job.message) == ("PROCRSI", "PACS", "partial", "2 of 3")
+    assert (job.called, job.caller, job.success, job.message) == (
+        "PROCRSI",
+        "PACS",
+        "partial",
+        "2 of 3",
+    )
     assert job.caller_ip == "10.0.0.5"
     assert job.name == "job"
 
@@ -22,7 +27,9 @@ def test_reads_a_job(tmp_path: Path) -> None:
 def test_quoted_ae_titles_are_cleaned(tmp_path: Path) -> None:
     write_job(tmp_path, n_output=0, n_input=0)
     (tmp_path / "info.json").write_text(
-        json.dumps({"AETitleCalled": ' "PROCRSI" ', "AETitleCaller": '"PACS"', "CallerIP": '"1.2.3.4"'})
+        json.dumps(
+            {"AETitleCalled": ' "PROCRSI" ', "AETitleCaller": '"PACS"', "CallerIP": '"1.2.3.4"'}
+        )
     )
     job = load_job(tmp_path)
     assert (job.called, job.caller, job.caller_ip) == ("PROCRSI", "PACS", "1.2.3.4")

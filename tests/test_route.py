@@ -395,7 +395,7 @@ def test_real_peers_storescp_and_orthanc(
     )
     report = route_job(job, cfg, settings(tmp_path))
     assert report.state == "routed"
-    wrong, right = report.rules[0].entries
+    wrong, _right = report.rules[0].entries
     assert wrong.state == "failed" and wrong.covered and wrong.delivery.attempts == 1  # type: ignore[union-attr]
     assert orthanc_clean.instances() == {u: 1 for u in uids(files, "OUTPUT")}
     assert dcmtk.received() == {u: 1 for u in uids(files, "INPUT")}

@@ -115,10 +115,26 @@ def test_multivalued_tags_are_joined_with_backslash(tmp_path: Path) -> None:
 
 RULES = {
     "routing": [
-        {"name": "off", "status": 0, "send": [{".*": {"IP": "h", "PORT": 1, "AETitleSender": "A", "AETitleTo": "B"}}]},
-        {"name": "disabled", "enabled": "F", "send": [{".*": {"IP": "h", "PORT": 1, "AETitleSender": "A", "AETitleTo": "B"}}]},
-        {"name": "other box", "AETitleIn": "OTHER", "send": [{".*": {"IP": "h", "PORT": 1, "AETitleSender": "A", "AETitleTo": "B"}}]},
-        {"name": "other caller", "AETitleFrom": "MODALITY", "send": [{".*": {"IP": "h", "PORT": 1, "AETitleSender": "A", "AETitleTo": "B"}}]},
+        {
+            "name": "off",
+            "status": 0,
+            "send": [{".*": {"IP": "h", "PORT": 1, "AETitleSender": "A", "AETitleTo": "B"}}],
+        },
+        {
+            "name": "disabled",
+            "enabled": "F",
+            "send": [{".*": {"IP": "h", "PORT": 1, "AETitleSender": "A", "AETitleTo": "B"}}],
+        },
+        {
+            "name": "other box",
+            "AETitleIn": "OTHER",
+            "send": [{".*": {"IP": "h", "PORT": 1, "AETitleSender": "A", "AETitleTo": "B"}}],
+        },
+        {
+            "name": "other caller",
+            "AETitleFrom": "MODALITY",
+            "send": [{".*": {"IP": "h", "PORT": 1, "AETitleSender": "A", "AETitleTo": "B"}}],
+        },
         {
             "name": "results",
             "AETitleIn": "procrsi",
@@ -142,6 +158,6 @@ def test_rule_matching_explains_why_not(tmp_path: Path) -> None:
     assert [m.applies for m in matches] == [False, False, False, False, True]
     assert matches[0].why_not == "deactivated (status 0)"
     assert matches[1].why_not == 'disabled (enabled "F")'
-    assert "AETitleIn 'OTHER' does not match the called AE title 'PROCRSI'" == matches[2].why_not
-    assert "AETitleFrom 'MODALITY' does not match the caller AE title 'PACS'" == matches[3].why_not
+    assert matches[2].why_not == "AETitleIn 'OTHER' does not match the called AE title 'PROCRSI'"
+    assert matches[3].why_not == "AETitleFrom 'MODALITY' does not match the caller AE title 'PACS'"
     assert [e.pattern for e in matches[4].matching] == ["success", ".*"]

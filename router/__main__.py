@@ -1,0 +1,5 @@
+"""`python -m router` is `dicom-router`."""
+
+from router.cli import main
+
+main()
