@@ -1,0 +1,176 @@
+"""Build small, valid DICOM files and job folders for tests, benchmarks and examples.
+
+A plain module (no pytest) so that `bench/` and the examples can import it too. Files are
+built from scratch with pydicom; the pixel buffer of each size is made once and reused, so
+hundreds of 512x512 CT images (~0.5 MB each) take well under a second per hundred.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
+    CTImageStorage,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
+
+from router.model import DicomFile
+
+__all__ = ["dicom_file", "write_ct", "write_job"]
+
+
+@lru_cache(maxsize=8)
+def _pixels(rows: int, cols: int) -> np.ndarray:
+    """A deterministic, non-constant 16-bit image, built once per size (read-only)."""
+    y, x = np.indices((rows, cols), dtype=np.uint32)
+    arr = ((x * 7 + y * 13) % 4096).astype(np.uint16)
+    arr.setflags(write=False)
+    return arr
+
+
+@lru_cache(maxsize=8)
+def _pixel_bytes(rows: int, cols: int, big_endian: bool) -> bytes:
+    arr = _pixels(rows, cols)
+    return (arr.byteswap() if big_endian else arr).tobytes()
+
+
+def write_ct(
+    path: Path | str,
+    *,
+    sop_instance_uid: str | None = None,
+    series_description: str = "",
+    modality: str = "CT",
+    rows: int = 16,
+    cols: int = 16,
+    transfer_syntax: str = ExplicitVRLittleEndian,
+    sop_class: str = CTImageStorage,
+    study_instance_uid: str | None = None,
+    series_instance_uid: str | None = None,
+    patient_id: str = "PAT001",
+    patient_name: str = "Test^Patient",
+    instance_number: int = 1,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write one Part 10 image file with 16-bit pixel data and return its path.
+
+    Any SOP class UID may be given (the content stays a CT-like image), so tests can
+    fabricate many (SOP class, transfer syntax) pairs. Uncompressed transfer syntaxes and
+    Deflated are written directly; RLE Lossless is encoded by pydicom (numpy only); other
+    compressed syntaxes need the matching pydicom encoder plugin. `extra` sets further
+    elements by keyword, e.g. `{"BodyPartExamined": "HEAD"}`.
+    """
+    path = Path(path)
+    ts = UID(transfer_syntax)
+    sop_instance_uid = sop_instance_uid or generate_uid()
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+    meta.TransferSyntaxUID = ts
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_instance_uid
+    ds.StudyInstanceUID = study_instance_uid or generate_uid()
+    ds.SeriesInstanceUID = series_instance_uid or generate_uid()
+    ds.PatientID = patient_id
+    ds.PatientName = patient_name
+    ds.Modality = modality
+    ds.SeriesDescription = series_description
+    ds.StudyDate = "20240101"
+    ds.StudyTime = "120000"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = instance_number
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = rows
+    ds.Columns = cols
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.RescaleIntercept = -1024
+    ds.RescaleSlope = 1
+    for keyword, value in (extra or {}).items():
+        setattr(ds, keyword, value)
+
+    if ts.is_compressed:
+        ds.compress(ts, _pixels(rows, cols), generate_instance_uid=False)
+    else:
+        ds.PixelData = _pixel_bytes(rows, cols, ts == ExplicitVRBigEndian)
+        ds["PixelData"].VR = "OW"
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def dicom_file(path: Path | str, root: Path | str | None = None) -> DicomFile:
+    """Describe a file as the router does (relpath against `root`, or the file name)."""
+    path = Path(path).absolute()
+    meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).file_meta
+    relpath = path.relative_to(Path(root).absolute()).as_posix() if root else path.name
+    return DicomFile(
+        path=path,
+        relpath=relpath,
+        sop_class_uid=str(meta.MediaStorageSOPClassUID),
+        sop_instance_uid=str(meta.MediaStorageSOPInstanceUID),
+        transfer_syntax_uid=str(meta.TransferSyntaxUID),
+    )
+
+
+def write_job(
+    job_dir: Path | str,
+    *,
+    called: str = "PROCRSI",
+    caller: str = "PACS",
+    success: str | None = "success",
+    message: str = "done",
+    n_output: int = 3,
+    n_input: int = 2,
+    caller_ip: str = "10.0.0.5",
+    **kw: Any,
+) -> list[Path]:
+    """Build a SPEC section-1 job folder and return its DICOM files, INPUT first.
+
+    `success=None` leaves out proc.json (a job still waiting for its computation). INPUT
+    and OUTPUT are two series of one study ("INPUT" / "OUTPUT" as SeriesDescription unless
+    `series_description` is given); further keywords go to `write_ct` (rows, cols,
+    modality, transfer_syntax, ...).
+    """
+    job_dir = Path(job_dir)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    info = {
+        "AETitleCalled": called,
+        "AETitleCaller": caller,
+        "CallerIP": caller_ip,
+        "received": "2024-01-01T12:00:00",
+    }
+    (job_dir / "info.json").write_text(json.dumps(info, indent=2))
+    if success is not None:
+        proc = [{"success": success, "message": message}]
+        (job_dir / "proc.json").write_text(json.dumps(proc, indent=2))
+
+    kw.setdefault("study_instance_uid", generate_uid())
+    files: list[Path] = []
+    for folder, count in (("INPUT", n_input), ("OUTPUT", n_output)):
+        series_kw = {"series_instance_uid": generate_uid(), "series_description": folder, **kw}
+        (job_dir / folder).mkdir(exist_ok=True)
+        for number in range(1, count + 1):
+            target = job_dir / folder / f"{folder[:2]}{number:06d}.dcm"
+            files.append(write_ct(target, instance_number=number, **series_kw))
+    return files

@@ -1,0 +1,515 @@
+"""router.send against a controllable pynetdicom SCP and against dcmtk's storescp.
+
+Every test asserts exactly which instances arrived and how often, and what was reported for
+each file: the routing record is built from those reports.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import (
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    RLELossless,
+)
+from pynetdicom import AllStoragePresentationContexts
+from pynetdicom.association import Association
+from pynetdicom.dsutils import split_dataset
+from pynetdicom.dul import DULServiceProvider
+
+from router.model import DicomFile, Endpoint, SendError, StoreResult, Timeouts
+from router.send import MAX_CONTEXTS, echo, send_files
+from tests.factory import dicom_file, write_ct
+from tests.fixtures_scp import StorageSCP
+
+FAST = Timeouts(connect=5, acse=5, dimse=5, network=10)
+STORESCP = "/usr/bin/storescp"
+
+
+class Results(list[StoreResult]):
+    """The on_result callback and what it collected."""
+
+    def __call__(self, result: StoreResult) -> None:
+        self.append(result)
+
+    @property
+    def stored(self) -> list[str]:
+        return [r.file.sop_instance_uid for r in self if r.stored]
+
+    @property
+    def failed(self) -> dict[str, StoreResult]:
+        return {r.file.sop_instance_uid: r for r in self if not r.stored}
+
+
+def uids(files: list[DicomFile]) -> list[str]:
+    return [f.sop_instance_uid for f in files]
+
+
+@pytest.fixture
+def files(make_files: Callable[..., list[DicomFile]]) -> list[DicomFile]:
+    return make_files(8)
+
+
+@pytest.fixture
+def server(scp: Callable[..., StorageSCP]) -> StorageSCP:
+    return scp()
+
+
+def our_threads(timeout: float = 3.0) -> list[threading.Thread]:
+    """pynetdicom threads of associations we requested that are still alive (after a grace)."""
+
+    def alive() -> list[threading.Thread]:
+        return [
+            t
+            for t in threading.enumerate()
+            if (isinstance(t, Association) and t.is_requestor)
+            or (isinstance(t, DULServiceProvider) and t.assoc.is_requestor)
+        ]
+
+    deadline = time.monotonic() + timeout
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return alive()
+
+
+# -- the controllable SCP ------------------------------------------------------------------
+
+
+def test_all_files_stored_once_in_order_byte_identical(
+    scp: Callable[..., StorageSCP], files: list[DicomFile]
+) -> None:
+    server = scp(keep_data=True)
+    results = Results()
+
+    send_files(server.endpoint("ROUTER"), files, FAST, results)
+
+    assert [r.file for r in results] == files
+    assert all(r.status == 0x0000 and r.error is None for r in results)
+    assert [a.sop_instance_uid for a in server.arrivals] == uids(files)
+    assert server.counts == Counter(uids(files))
+    assert {(a.calling_aet, a.called_aet) for a in server.arrivals} == {("ROUTER", "STORESCP")}
+    assert server.associations == 1
+    for f in files:  # streamed as it is on disk: the data set bytes arrive unchanged
+        offset = split_dataset(f.path)[1]
+        assert server.data[f.sop_instance_uid] == f.path.read_bytes()[offset:]
+
+
+def test_empty_job_opens_no_association(server: StorageSCP) -> None:
+    results = Results()
+    send_files(server.endpoint(), [], FAST, results)
+    assert results == [] and server.associations == 0
+
+
+def test_refusals_are_reported_per_file_and_the_rest_still_stored(
+    server: StorageSCP, files: list[DicomFile]
+) -> None:
+    server.refuse_instances[files[2].sop_instance_uid] = 0xA700
+    server.refuse_at[6] = 0xC000  # the 6th C-STORE: files[5]
+    results = Results()
+
+    send_files(server.endpoint(), files, FAST, results)
+
+    assert len(results) == len(files)
+    failed = results.failed
+    assert set(failed) == {files[2].sop_instance_uid, files[5].sop_instance_uid}
+    a700, c000 = failed[files[2].sop_instance_uid], failed[files[5].sop_instance_uid]
+    assert a700.status == 0xA700 and "0xA700" in a700.error and "Out of Resources" in a700.error
+    assert c000.status == 0xC000 and "0xC000" in c000.error and "Cannot Understand" in c000.error
+    expected = [u for u in uids(files) if u not in failed]
+    assert [a.sop_instance_uid for a in server.arrivals] == expected
+    assert server.counts == Counter(expected)
+    assert server.associations == 1
+
+
+def test_warning_statuses_count_as_stored(server: StorageSCP, files: list[DicomFile]) -> None:
+    for f, status in zip(files, (0xB000, 0xB006, 0xB007), strict=False):
+        server.refuse_instances[f.sop_instance_uid] = status
+    results = Results()
+
+    send_files(server.endpoint(), files, FAST, results)
+
+    assert [r.status for r in results[:4]] == [0xB000, 0xB006, 0xB007, 0x0000]
+    assert all(r.stored and r.error is None for r in results)
+
+
+def test_abort_mid_association_reports_the_file_in_flight_and_raises_transient(
+    server: StorageSCP, files: list[DicomFile]
+) -> None:
+    server.abort_after(3)
+    results = Results()
+
+    with pytest.raises(SendError) as info:
+        send_files(server.endpoint(), files, FAST, results)
+
+    assert info.value.transient
+    assert "aborted" in info.value.reason and server.endpoint().key in info.value.reason
+    assert results.stored == uids(files[:3])
+    assert [r.file for r in results] == files[:4]  # files never attempted: not reported
+    assert results[3].status is None and results[3].error == info.value.reason
+    assert server.counts == Counter(uids(files[:3]))
+
+
+def test_retrying_what_is_missing_stores_everything_exactly_once(
+    server: StorageSCP, files: list[DicomFile]
+) -> None:
+    server.abort_after(2)
+    results = Results()
+    with pytest.raises(SendError):
+        send_files(server.endpoint(), files, FAST, results)
+
+    missing = [f for f in files if f.sop_instance_uid not in results.stored]
+    send_files(server.endpoint(), missing, FAST, results)
+
+    assert server.counts == Counter(uids(files))
+    assert server.associations == 2
+
+
+def test_stall_past_dimse_timeout_reports_no_response_and_raises_transient(
+    server: StorageSCP, files: list[DicomFile]
+) -> None:
+    server.stall_at.add(2)
+    server.stall_seconds = 10
+    results = Results()
+    begun = time.monotonic()
+
+    with pytest.raises(SendError) as info:
+        send_files(server.endpoint(), files, Timeouts(dimse=1, acse=5), results)
+
+    assert time.monotonic() - begun < 4
+    assert info.value.transient
+    assert (
+        info.value.reason == "no C-STORE response within 1 s (DIMSE time-out); association aborted"
+    )
+    assert [r.file for r in results] == files[:2]
+    assert results[0].stored and results[1].status is None
+    assert results[1].error == info.value.reason
+    # The SCP kept the stalled instance: a retry of it would be a duplicate, which is why
+    # the caller records the answer as unknown rather than as refused.
+    assert server.counts == Counter(uids(files[:2]))
+    assert our_threads() == []
+
+
+@pytest.mark.parametrize(
+    ("transient", "words"),
+    [(False, "association rejected (permanent)"), (True, "association rejected (transient)")],
+)
+def test_association_rejected(
+    server: StorageSCP, files: list[DicomFile], transient: bool, words: str
+) -> None:
+    server.reject_next(1, transient=transient)
+    results = Results()
+
+    with pytest.raises(SendError) as info:
+        send_files(server.endpoint(), files, FAST, results)
+
+    assert info.value.transient is transient
+    reason = info.value.reason
+    assert reason.startswith(f"{words} by {server.endpoint().key}: ")
+    assert reason.endswith(
+        "temporary congestion" if transient else "calling AE title not recognised"
+    )
+    assert results == [] and server.counts == Counter()
+
+    send_files(server.endpoint(), files, FAST, results)  # the next attempt is accepted
+    assert server.counts == Counter(uids(files)) and server.associations == 2
+
+
+def test_unknown_called_aet_is_a_permanent_rejection(
+    server: StorageSCP, files: list[DicomFile]
+) -> None:
+    with pytest.raises(SendError) as info:
+        send_files(server.endpoint(called_aet="NOTTHERE"), files, FAST, Results())
+
+    assert not info.value.transient
+    assert info.value.reason == (
+        f"association rejected (permanent) by NOTTHERE@127.0.0.1:{server.port}: "
+        "called AE title not recognised"
+    )
+
+
+def test_connection_refused_is_transient(files: list[DicomFile]) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: connections are refused
+        results = Results()
+        with pytest.raises(SendError) as info:
+            send_files(Endpoint("127.0.0.1", port, "X", "ROUTER"), files, FAST, results)
+
+    assert info.value.transient
+    assert info.value.reason == f"connection refused by 127.0.0.1:{port}"
+    assert results == []
+    assert our_threads() == []
+
+
+def test_no_association_response_is_an_acse_timeout(files: list[DicomFile]) -> None:
+    with socket.socket() as listener:  # accepts TCP, never answers the A-ASSOCIATE-RQ
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with pytest.raises(SendError) as info:
+            send_files(
+                Endpoint("127.0.0.1", port, "X", "ROUTER"), files, Timeouts(acse=1), Results()
+            )
+
+    assert info.value.transient
+    assert (
+        info.value.reason
+        == f"no association response from X@127.0.0.1:{port} within 1 s (ACSE time-out)"
+    )
+
+
+def test_mixed_transfer_syntaxes_each_arrive_in_their_own(
+    server: StorageSCP, tmp_path: Path
+) -> None:
+    syntaxes = [
+        ExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+        ExplicitVRLittleEndian,
+        DeflatedExplicitVRLittleEndian,
+        ExplicitVRBigEndian,
+        RLELossless,
+        ImplicitVRLittleEndian,
+    ]
+    files = [
+        dicom_file(write_ct(tmp_path / f"{i}.dcm", transfer_syntax=ts), tmp_path)
+        for i, ts in enumerate(syntaxes)
+    ]
+    results = Results()
+
+    send_files(server.endpoint(), files, FAST, results)
+
+    assert results.stored == uids(files)
+    arrived = {a.sop_instance_uid: a.transfer_syntax for a in server.arrivals}
+    assert arrived == {f.sop_instance_uid: f.transfer_syntax_uid for f in files}
+    assert server.counts == Counter(uids(files)) and server.associations == 1
+
+
+def test_file_without_accepted_context_is_reported_and_others_sent(
+    scp: Callable[..., StorageSCP], tmp_path: Path
+) -> None:
+    server = scp(transfer_syntaxes=[ImplicitVRLittleEndian])
+    syntaxes = [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    files = [
+        dicom_file(write_ct(tmp_path / f"{i}.dcm", transfer_syntax=ts), tmp_path)
+        for i, ts in enumerate(syntaxes)
+    ]
+    results = Results()
+
+    send_files(server.endpoint(), files, FAST, results)
+
+    assert [r.file for r in results] == files
+    assert results.stored == [files[0].sop_instance_uid, files[2].sop_instance_uid]
+    refused = results[1]
+    assert refused.status is None
+    assert refused.error == (
+        "no accepted presentation context for CT Image Storage in Explicit VR Little Endian"
+    )
+    assert server.counts == Counter(results.stored)
+
+
+def test_no_accepted_context_at_all_reports_every_file_then_raises_permanent(
+    scp: Callable[..., StorageSCP], files: list[DicomFile]
+) -> None:
+    server = scp(transfer_syntaxes=[JPEGBaseline8Bit])
+    results = Results()
+
+    with pytest.raises(SendError) as info:
+        send_files(server.endpoint(), files, FAST, results)
+
+    assert not info.value.transient
+    assert "accepted none of the 1 presentation contexts" in info.value.reason
+    assert "CT Image Storage" in info.value.reason
+    assert [r.file for r in results] == files
+    assert all(r.status is None and "no accepted presentation context" in r.error for r in results)
+    assert server.counts == Counter()
+
+
+def test_more_than_128_context_pairs_use_one_association_per_128(
+    server: StorageSCP, tmp_path: Path
+) -> None:
+    classes = [cx.abstract_syntax for cx in AllStoragePresentationContexts][: MAX_CONTEXTS + 2]
+    paths = [
+        write_ct(tmp_path / f"{i}.dcm", sop_class=sop, rows=2, cols=2)
+        for i, sop in enumerate(classes)
+    ]
+    # Two more files of the first and the last pair, at the end of the job.
+    paths.append(write_ct(tmp_path / "again-first.dcm", sop_class=classes[0], rows=2, cols=2))
+    paths.append(write_ct(tmp_path / "again-last.dcm", sop_class=classes[-1], rows=2, cols=2))
+    files = [dicom_file(p, tmp_path) for p in paths]
+    results = Results()
+
+    send_files(server.endpoint(), files, FAST, results)
+
+    assert server.associations == 2
+    assert set(results.stored) == set(uids(files)) and len(results) == len(files)
+    first_group = [*files[:MAX_CONTEXTS], files[-2]]
+    second_group = [*files[MAX_CONTEXTS : MAX_CONTEXTS + 2], files[-1]]
+    assert [a.sop_instance_uid for a in server.arrivals] == uids(first_group + second_group)
+    assert server.counts == Counter(uids(files))
+
+
+def test_unreadable_file_is_reported_and_the_association_goes_on(
+    server: StorageSCP, files: list[DicomFile]
+) -> None:
+    files[1].path.unlink()
+    files[4].path.write_bytes(b"not dicom at all")
+    results = Results()
+
+    send_files(server.endpoint(), files, FAST, results)
+
+    assert [r.file for r in results] == files
+    failed = results.failed
+    assert set(failed) == {files[1].sop_instance_uid, files[4].sop_instance_uid}
+    assert all(r.status is None and r.error.startswith("cannot send ") for r in failed.values())
+    assert server.counts == Counter(u for u in uids(files) if u not in failed)
+    assert server.associations == 1
+
+
+def test_callback_errors_propagate_and_leave_no_threads(
+    server: StorageSCP, files: list[DicomFile]
+) -> None:
+    def explode(result: StoreResult) -> None:
+        raise RuntimeError("record disk full")
+
+    with pytest.raises(RuntimeError, match="record disk full"):
+        send_files(server.endpoint(), files, FAST, explode)
+
+    assert server.counts == Counter(uids(files[:1]))
+    assert our_threads() == []
+
+
+def test_failures_leave_no_threads_behind(server: StorageSCP, files: list[DicomFile]) -> None:
+    server.abort_after(1)
+    with pytest.raises(SendError):
+        send_files(server.endpoint(), files, FAST, Results())
+    server.reject_next(1)
+    with pytest.raises(SendError):
+        send_files(server.endpoint(), files, FAST, Results())
+    send_files(server.endpoint(), files, FAST, Results())
+
+    assert our_threads() == []
+
+
+def test_echo(server: StorageSCP) -> None:
+    assert echo(server.endpoint(), FAST) == 0x0000
+    with pytest.raises(SendError) as info:
+        echo(server.endpoint(called_aet="WRONG"), FAST)
+    assert not info.value.transient and "called AE title not recognised" in info.value.reason
+
+
+def test_echo_connection_refused() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        with pytest.raises(SendError) as info:
+            echo(Endpoint("127.0.0.1", port, "X", "ROUTER"), FAST)
+    assert info.value.transient and info.value.reason == f"connection refused by 127.0.0.1:{port}"
+
+
+# -- dcmtk's storescp: an independent implementation ---------------------------------------
+
+
+@pytest.fixture
+def dcmtk_storescp(tmp_path: Path) -> Iterator[tuple[Endpoint, Path]]:
+    """/usr/bin/storescp writing every receipt to its own file (+uf) in a fresh folder."""
+    if not os.access(STORESCP, os.X_OK):
+        pytest.skip(f"{STORESCP} (dcmtk) is not installed")
+    out = tmp_path / "storescp"
+    out.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    proc = subprocess.Popen(
+        [STORESCP, "+uf", "-od", str(out), "-aet", "DCMTK", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                echo(Endpoint("127.0.0.1", port, "DCMTK", "ROUTER"), FAST)
+                break
+            except SendError:
+                assert proc.poll() is None, "storescp exited"
+                assert time.monotonic() < deadline, "storescp did not start"
+                time.sleep(0.05)
+        yield Endpoint("127.0.0.1", port, "DCMTK", "ROUTER"), out
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def received(out: Path) -> Counter[str]:
+    return Counter(str(pydicom.dcmread(p).SOPInstanceUID) for p in out.iterdir())
+
+
+def test_dcmtk_storescp_receives_every_file(
+    dcmtk_storescp: tuple[Endpoint, Path], make_files: Callable[..., list[DicomFile]]
+) -> None:
+    endpoint, out = dcmtk_storescp
+    files = make_files(20, rows=64, cols=64)
+    results = Results()
+
+    send_files(endpoint, files, FAST, results)
+
+    assert results.stored == uids(files)
+    assert received(out) == Counter(uids(files))
+    written = {str(ds.SOPInstanceUID): ds for ds in map(pydicom.dcmread, out.iterdir())}
+    for f in files:  # what storescp wrote holds the same pixels
+        assert written[f.sop_instance_uid].PixelData == pydicom.dcmread(f.path).PixelData
+
+
+def test_dcmtk_storescp_mixed_transfer_syntaxes(
+    dcmtk_storescp: tuple[Endpoint, Path], tmp_path: Path
+) -> None:
+    endpoint, out = dcmtk_storescp
+    syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian] * 3
+    files = [
+        dicom_file(write_ct(tmp_path / "in" / f"{i}.dcm", transfer_syntax=ts), tmp_path)
+        for i, ts in enumerate(syntaxes)
+    ]
+    results = Results()
+
+    send_files(endpoint, files, FAST, results)
+
+    assert results.stored == uids(files)
+    assert received(out) == Counter(uids(files))
+    written = {
+        str(ds.SOPInstanceUID): str(ds.file_meta.TransferSyntaxUID)
+        for ds in (pydicom.dcmread(p) for p in out.iterdir())
+    }
+    assert written == {f.sop_instance_uid: f.transfer_syntax_uid for f in files}
+
+
+def test_dcmtk_storescp_echo(dcmtk_storescp: tuple[Endpoint, Path]) -> None:
+    assert echo(dcmtk_storescp[0], FAST) == 0x0000
+
+
+def test_many_files_one_association_against_dcmtk(
+    dcmtk_storescp: tuple[Endpoint, Path], make_files: Callable[..., list[DicomFile]]
+) -> None:
+    endpoint, out = dcmtk_storescp
+    files = make_files(150, rows=8, cols=8, sop_class=CTImageStorage)
+    results = Results()
+
+    send_files(endpoint, files, FAST, results)
+
+    assert results.stored == uids(files)
+    assert received(out) == Counter(uids(files))
