@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run, task_run
 from prefect.states import State
 
+from flows.concurrency import destination_slot, ensure_destination_limit
+from flows.config_source import resolve_config
 from router import routing_log
-from router.config import RoutingConfig, RuleSpec, SendEntry, load_config
+from router.config import RoutingConfig, RuleSpec, SendEntry
 from router.job import Job, JobInvalid, load_job
 from router.lock import job_lock
 from router.model import DicomFile, Endpoint
@@ -105,12 +107,22 @@ def _transient_only(task: Any, run: Any, state: State) -> bool:
 
 @task(name="send", cache_policy=NO_CACHE, retry_condition_fn=_transient_only)
 def send_task(
-    record: Record, endpoint: Endpoint, files: Sequence[DicomFile], settings: Settings, force: bool
+    record: Record,
+    endpoint: Endpoint,
+    files: Sequence[DicomFile],
+    settings: Settings,
+    force: bool,
+    limit: str | None = None,
 ) -> Attempt:
-    """One attempt at what the record says is missing; Prefect retries the transient."""
-    attempt = attempt_once(
-        record, endpoint, files, settings, task_run.run_count, force, current_progress()
-    )
+    """One attempt at what the record says is missing; Prefect retries the transient.
+
+    The destination's concurrency slot is held only while sending, not during the
+    backoff between retries, so a waiting retry does not block other jobs.
+    """
+    with destination_slot(limit):
+        attempt = attempt_once(
+            record, endpoint, files, settings, task_run.run_count, force, current_progress()
+        )
     if not attempt.ok and attempt.transient:
         delays = settings.retry_delays()
         if task_run.run_count <= len(delays):
@@ -129,6 +141,8 @@ class FlowSteps:
     settings: Settings
     record: Record
     force: bool
+    limits: dict[str, str] = field(default_factory=dict)
+    """Destination key -> its concurrency limit, ensured once per run."""
 
     def endpoint(self, entry: SendEntry) -> Endpoint:
         return entry.destination.endpoint(self.settings.me, self.settings.port)
@@ -144,6 +158,9 @@ class FlowSteps:
         self, rule: RuleSpec, entry: SendEntry, endpoint: Endpoint, files: Sequence[DicomFile]
     ) -> Delivery:
         already = len(files) - len(missing(self.record, endpoint, files, self.force))
+        if endpoint.key not in self.limits:
+            size = entry.destination.max_associations or self.settings.max_associations
+            self.limits[endpoint.key] = ensure_destination_limit(endpoint, size)
         send = send_task.with_options(
             task_run_name=f"send {rule.index}.{entry.index} → {endpoint.key}",
             retries=self.settings.retries,
@@ -208,9 +225,7 @@ def route_job_flow(
     """
     overrides = {"config": config, "me": me, "port": port, "log_file": log_file}
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-    if settings.config is None:
-        raise ValueError("no routing configuration: set DICOM_ROUTER_CONFIG or pass config")
-    cfg = load_config(settings.config)
+    cfg = resolve_config(settings)
     path = Path(job_dir).absolute()
     if not path.is_dir():
         raise JobInvalid(path, "not a job folder (no such directory)")
@@ -243,12 +258,25 @@ def run_route_job(
     job_dir: Path, settings: Settings, *, force: bool = False, origin: str = "cli"
 ) -> dict[str, Any]:
     """Run the flow in this process (ephemeral API, or PREFECT_API_URL's server)."""
-    return route_job_flow(
-        job_dir=str(job_dir),
-        config=str(settings.config) if settings.config else None,
-        force=force,
-        me=settings.me,
-        port=settings.port,
-        log_file=str(settings.log_file),
-        origin=origin,
-    )
+    with in_process():
+        return route_job_flow(
+            job_dir=str(job_dir),
+            config=str(settings.config) if settings.config else None,
+            force=force,
+            me=settings.me,
+            port=settings.port,
+            log_file=str(settings.log_file),
+            origin=origin,
+        )
+
+
+def in_process() -> Any:
+    """Settings for a flow run in the command's own process.
+
+    Flow-run heartbeats let a server notice a worker that died mid-run; a run in the
+    caller's process has the caller watching it, and each sync run otherwise waits about a
+    second at its end for the heartbeat thread (PERF-NOTES).
+    """
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    return temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})

@@ -37,6 +37,8 @@ ConfigOpt = Annotated[
     typer.Option("--config", "-c", help="Routing rules (JSON). Env: DICOM_ROUTER_CONFIG."),
 ]
 MeOpt = Annotated[str | None, typer.Option(help="This box's address ($me). Env: DICOM_ROUTER_ME.")]
+LogFileOpt = Annotated[Path | None, typer.Option(help="Routing log. Env: DICOM_ROUTER_LOG_FILE.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
 PortOpt = Annotated[
     int | None, typer.Option(help="This box's port ($port). Env: DICOM_ROUTER_PORT.")
 ]
@@ -55,17 +57,23 @@ def make_settings(**overrides: Any) -> Settings:
         raise typer.Exit(EXIT_BAD_INPUT) from None
 
 
+def config_error(exc: ConfigError) -> typer.Exit:
+    err(f"{exc.source}: invalid routing configuration")
+    for problem in exc.problems:
+        typer.echo(f"  {problem}", err=True)
+    return typer.Exit(EXIT_BAD_INPUT)
+
+
 def read_config(settings: Settings) -> RoutingConfig:
-    if settings.config is None:
-        err("no routing configuration: pass --config FILE or set DICOM_ROUTER_CONFIG")
-        raise typer.Exit(EXIT_BAD_INPUT)
+    """The file if given, otherwise the rules block on the Prefect server."""
     try:
-        return load_config(settings.config)
+        if settings.config is not None:
+            return load_config(settings.config)
+        from flows.config_source import resolve_config
+
+        return resolve_config(settings)
     except ConfigError as exc:
-        err(f"{exc.source}: invalid routing configuration")
-        for problem in exc.problems:
-            typer.echo(f"  {problem}", err=True)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
+        raise config_error(exc) from None
 
 
 @app.command()
@@ -74,19 +82,16 @@ def route(
     config: ConfigOpt = None,
     me: MeOpt = None,
     port: PortOpt = None,
-    log_file: Annotated[
-        Path | None, typer.Option(help="Routing log. Env: DICOM_ROUTER_LOG_FILE.")
-    ] = None,
+    log_file: LogFileOpt = None,
     force: Annotated[
         bool, typer.Option("--force", help="Send again what the record says was delivered.")
     ] = False,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print the job's report as JSON.")
-    ] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Route one job through the `route-job` flow."""
     settings = make_settings(config=config, me=me, port=port, log_file=log_file)
-    read_config(settings)  # refuse a bad configuration before starting Prefect
+    if settings.config is not None:
+        read_config(settings)  # refuse a bad file before starting Prefect
     job_path = job_dir.absolute()
     if not job_path.is_dir():
         err(f"{job_path}: not a job folder (no such directory)")
@@ -106,7 +111,9 @@ def route(
     except (JobWaiting, JobLocked) as exc:
         err(f"not ready: {exc}")
         raise typer.Exit(EXIT_NOT_READY) from None
-    except (JobInvalid, ConfigError, LogFileError) as exc:
+    except ConfigError as exc:
+        raise config_error(exc) from None
+    except (JobInvalid, LogFileError) as exc:
         err(str(exc))
         raise typer.Exit(EXIT_BAD_INPUT) from None
     if as_json:
@@ -272,8 +279,157 @@ def echo(
     typer.echo(f"C-ECHO to {endpoint}: success in {ms:.0f} ms")
 
 
+@app.command()
+def sweep(
+    root: Annotated[Path, typer.Argument(help="Folder holding job folders (at any depth).")],
+    config: ConfigOpt = None,
+    me: MeOpt = None,
+    port: PortOpt = None,
+    log_file: LogFileOpt = None,
+    max_parallel: Annotated[int, typer.Option(help="Jobs routed at once.", min=1, max=32)] = 4,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the sweep report as JSON.")
+    ] = False,
+) -> None:
+    """Route every job under ROOT that has a proc.json and no successful routing yet.
+
+    Exit 0 when every job it tried was routed, 1 when some were not.
+    """
+    settings = make_settings(config=config, me=me, port=port, log_file=log_file)
+    if settings.config is not None:
+        read_config(settings)
+    if not root.is_dir():
+        err(f"{root}: no such folder to sweep")
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+    from flows.route_job import in_process
+    from flows.sweep import SweepFailed, sweep_unrouted_flow
+
+    code = EXIT_ROUTED
+    try:
+        with in_process():
+            report = sweep_unrouted_flow(
+                root=str(root.absolute()),
+                config=str(settings.config) if settings.config else None,
+                max_parallel=max_parallel,
+                me=settings.me,
+                port=settings.port,
+                log_file=str(settings.log_file),
+            )
+    except SweepFailed as exc:
+        report, code = exc.report, EXIT_FAILED
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        typer.echo(f"sweep of {report['root']}: {report['counts']}")
+        for job in report["jobs"]:
+            reason = f": {job['reason']}" if job["reason"] else ""
+            typer.echo(f"  {job['outcome']}: {job['job']}{reason}")
+        for label in ("waiting", "invalid", "backing_off", "given_up"):
+            if report[label]:
+                typer.echo(f"  {len(report[label])} {label.replace('_', ' ')}")
+    raise typer.Exit(code)
+
+
+config_app = typer.Typer(
+    no_args_is_help=True, help="Move the routing rules between a file and the Prefect server."
+)
+app.add_typer(config_app, name="config")
+
+NameOpt = Annotated[
+    str | None, typer.Option("--name", help="Block name. Env: DICOM_ROUTER_CONFIG_BLOCK.")
+]
+
+
+@config_app.command("push")
+def config_push(
+    file: Annotated[Path, typer.Argument(help="Routing configuration (JSON) to store.")],
+    name: NameOpt = None,
+) -> None:
+    """Validate FILE and store it as the rules block that runs use without --config."""
+    from router import jsonc
+
+    settings = make_settings(config_block=name)
+    cfg = read_config(settings.model_copy(update={"config": file}))
+    raw = jsonc.loads(file.read_text(encoding="utf-8"))
+
+    from flows.config_source import BLOCK_TYPE, push_config
+
+    push_config(cfg, raw, settings.config_block)
+    typer.echo(f"stored {len(cfg.rules)} rule(s) as {BLOCK_TYPE}/{settings.config_block}")
+
+
+@config_app.command("pull")
+def config_pull(
+    name: NameOpt = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write to this file, not stdout.")
+    ] = None,
+) -> None:
+    """Print (or write) the rules block as JSON; warns when it does not validate."""
+    from flows.config_source import block_source, pull_config
+    from router.config import parse_config
+
+    settings = make_settings(config_block=name)
+    try:
+        raw = pull_config(settings.config_block)
+    except ConfigError as exc:
+        raise config_error(exc) from None
+    text = json.dumps(raw, indent=2) + "\n"
+    if output:
+        output.write_text(text, encoding="utf-8")
+    else:
+        typer.echo(text, nl=False)
+    try:
+        parse_config(raw, block_source(settings.config_block))
+    except ConfigError as exc:
+        raise config_error(exc) from None
+
+
+@app.command()
+def setup(
+    config: ConfigOpt = None,
+    me: MeOpt = None,
+    port: PortOpt = None,
+    pool: Annotated[str, typer.Option(help="Process work pool to create.")] = "dicom-router",
+) -> None:
+    """Create the work pool, the rules block type and the destinations' concurrency limits.
+
+    One limit per destination host and port, sized by its max_associations (or the
+    max_associations setting); run again after adding destinations or changing sizes.
+    """
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    from flows.concurrency import set_destination_limit
+    from flows.config_source import RoutingRules
+
+    settings = make_settings(config=config, me=me, port=port)
+    cfg = read_config(settings)
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            typer.echo(f"work pool {pool}: created")
+        except ObjectAlreadyExists:
+            typer.echo(f"work pool {pool}: exists")
+    RoutingRules.register_type_and_schema()
+    typer.echo("block type dicom-routing-rules: registered")
+    done: set[str] = set()
+    for spec in cfg.rules:
+        for entry in spec.entries:
+            endpoint = entry.destination.endpoint(settings.me, settings.port)
+            size = entry.destination.max_associations or settings.max_associations
+            name = set_destination_limit(endpoint, size)
+            if name not in done:
+                done.add(name)
+                typer.echo(f"concurrency limit {name}: {size}")
+
+
 def main() -> None:
     # Prefect's ephemeral server sends usage telemetry unless told otherwise; a router on a
     # hospital network should not try to reach the internet. A site can still opt in.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The routing log's lines also go to the flow run's logs, for the UI.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "router")
     app()

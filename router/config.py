@@ -136,6 +136,8 @@ class Destination(BaseModel):
     AETitleTo: AETitle
     break_: Flag = Field(False, alias="break")
     which: list[dict[Tag, Regex]] | None = None
+    max_associations: int | None = Field(None, ge=1, le=64)
+    """Extension: associations open at once to this destination over all jobs."""
 
     @field_validator("which")
     @classmethod

@@ -37,6 +37,9 @@ def writing_to(path: Path) -> Iterator[None]:
     process (tests, a worker serving several sites) each write only their own lines.
     """
     path = Path(path).absolute()
+    if any(Path(getattr(h, "baseFilename", "")) == path for h in logger.handlers):
+        yield  # a logging configuration (deployments/logging.yml) writes it already
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(path, encoding="utf-8")

@@ -8,6 +8,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from router.model import Timeouts
+from router.sweep import Backoff
 
 
 class Settings(BaseSettings):
@@ -28,6 +29,17 @@ class Settings(BaseSettings):
     retry_delay: float = Field(5.0, ge=0, description="First retry's delay, seconds.")
     retry_backoff: float = Field(2.0, ge=1, description="Each further delay is this × longer.")
 
+    max_associations: int = Field(
+        2, ge=1, description="Associations open at once to one destination, over all jobs."
+    )
+    config_block: str = Field(
+        "default", description="Name of the routing-rules block used when no file is given."
+    )
+
+    sweep_retry_delay: float = Field(300.0, ge=0, description="A failed job's first re-try, s.")
+    sweep_retry_backoff: float = Field(2.0, ge=1, description="Growth of the sweep's delay.")
+    sweep_max_failures: int = Field(5, ge=1, description="Failed runs before a sweep gives up.")
+
     def timeouts(self) -> Timeouts:
         return Timeouts(
             connect=self.connect_timeout,
@@ -36,6 +48,9 @@ class Settings(BaseSettings):
             network=self.network_timeout,
             max_pdu=self.max_pdu,
         )
+
+    def backoff(self) -> Backoff:
+        return Backoff(self.sweep_retry_delay, self.sweep_retry_backoff, self.sweep_max_failures)
 
     def retry_delays(self) -> list[float]:
         """Delay before each retry: 5, 10, 20 s with the defaults."""

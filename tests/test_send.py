@@ -28,11 +28,14 @@ from pydicom.uid import (
 )
 from pynetdicom import AllStoragePresentationContexts
 from pynetdicom.association import Association
-from pynetdicom.dsutils import split_dataset
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode, split_dataset
 from pynetdicom.dul import DULServiceProvider
 
+import router.send
 from router.model import DicomFile, Endpoint, SendError, StoreResult, Timeouts
-from router.send import MAX_CONTEXTS, echo, send_files
+from router.send import MAX_CONTEXTS, _c_store_command, echo, send_files
 from tests.factory import dicom_file, write_ct
 from tests.fixtures_scp import StorageSCP
 
@@ -106,6 +109,70 @@ def test_all_files_stored_once_in_order_byte_identical(
     for f in files:  # streamed as it is on disk: the data set bytes arrive unchanged
         offset = split_dataset(f.path)[1]
         assert server.data[f.sop_instance_uid] == f.path.read_bytes()[offset:]
+
+
+@pytest.mark.parametrize(
+    ("max_pdu", "rows", "count"),
+    [(4096, 16, 3), (16382, 800, 2), (131072, 800, 2), (0, 800, 2)],
+    ids=["pdu-4k", "pdu-16k-1.3MB", "pdu-128k-1.3MB", "pdu-unlimited-1.3MB"],
+)
+def test_framing_for_any_peer_pdu_size_and_file_size(
+    scp: Callable[..., StorageSCP],
+    make_files: Callable[..., list[DicomFile]],
+    max_pdu: int,
+    rows: int,
+    count: int,
+) -> None:
+    server = scp(keep_data=True, max_pdu=max_pdu)
+    files = make_files(count, rows=rows, cols=rows)  # 800x800: more than one 1 MB block
+    results = Results()
+
+    send_files(server.endpoint(), files, FAST, results)
+
+    assert results.stored == uids(files) and server.counts == Counter(uids(files))
+    for f in files:
+        offset = split_dataset(f.path)[1]
+        assert server.data[f.sop_instance_uid] == f.path.read_bytes()[offset:]
+
+
+def test_pynetdicom_own_send_path_still_works(
+    scp: Callable[..., StorageSCP], files: list[DicomFile], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the direct write switched off, every PDU goes through pynetdicom's DUL."""
+    monkeypatch.setattr(router.send, "DIRECT_DATA", False)
+    server = scp(keep_data=True)
+    server.refuse_at[2] = 0xA700
+    server.abort_after(5)
+    results = Results()
+
+    with pytest.raises(SendError) as info:
+        send_files(server.endpoint(), files, FAST, results)
+
+    assert info.value.transient and "aborted" in info.value.reason
+    assert [r.status for r in results] == [0, 0xA700, 0, 0, 0, None]
+    assert server.counts == Counter(uids([files[0], *files[2:5]]))
+    for f in (files[0], *files[2:5]):
+        offset = split_dataset(f.path)[1]
+        assert server.data[f.sop_instance_uid] == f.path.read_bytes()[offset:]
+
+
+def test_c_store_command_set_is_encoded_as_pynetdicom_does() -> None:
+    for extra in (
+        {},
+        {"MoveOriginatorApplicationEntityTitle": "MOVER"},
+        {"MoveOriginatorMessageID": 7},
+    ):
+        primitive = C_STORE()
+        primitive.MessageID = 65535
+        primitive.Priority = 2
+        primitive.AffectedSOPClassUID = CTImageStorage
+        primitive.AffectedSOPInstanceUID = "1.2.3.45"
+        for keyword, value in extra.items():
+            setattr(primitive, keyword, value)
+        primitive._dataset_path = (Path("x.dcm"), 0)
+        message = C_STORE_RQ()
+        message.primitive_to_message(primitive)
+        assert _c_store_command(primitive) == encode(message.command_set, True, True)
 
 
 def test_empty_job_opens_no_association(server: StorageSCP) -> None:
@@ -506,7 +573,7 @@ def test_many_files_one_association_against_dcmtk(
     dcmtk_storescp: tuple[Endpoint, Path], make_files: Callable[..., list[DicomFile]]
 ) -> None:
     endpoint, out = dcmtk_storescp
-    files = make_files(150, rows=8, cols=8, sop_class=CTImageStorage)
+    files = make_files(60, rows=8, cols=8, sop_class=CTImageStorage)
     results = Results()
 
     send_files(endpoint, files, FAST, results)
