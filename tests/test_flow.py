@@ -242,8 +242,11 @@ def test_cli_bad_input_and_not_ready(
     result = cli("route", str(tmp_path / "missing"), "--config", str(good), env=router_env)
     assert result.returncode == 2 and "not a job folder" in result.stderr
 
-    result = cli("route", str(job), env={k: v for k, v in router_env.items()})
-    assert result.returncode == 2 and "no routing configuration" in result.stderr
+    # no file: the rules block on the server, which nobody pushed
+    result = cli("route", str(job), env=router_env, api=prefect_api)
+    assert result.returncode == 2
+    assert "Prefect block dicom-routing-rules/default" in result.stderr
+    assert "not found: push rules with `dicom-router config push FILE`" in result.stderr
 
 
 def test_cli_validate(tmp_path: Path) -> None:
