@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures_scp",
     "tests.fixtures_dcmtk",
     "tests.fixtures_orthanc",
+    "tests.fixtures_harness",
 ]

@@ -80,6 +80,10 @@ class StorageSCP:
     requests: int = 0
     associations: int = 0
     rejected: int = 0
+    open_now: int = 0
+    """Associations established and not yet released or aborted."""
+    max_open: int = 0
+    """The most associations that were open at one time."""
 
     port: int = 0
     host: str = "127.0.0.1"
@@ -104,6 +108,9 @@ class StorageSCP:
         handlers = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed),
         ]
         server = ae.start_server((self.host, 0), block=False, evt_handlers=handlers)
         assert server is not None
@@ -158,6 +165,15 @@ class StorageSCP:
         # has gone out, before the server closes the connection.
         event.assoc.acse.send_reject(*rsd)
         event.assoc.kill()
+
+    def _on_established(self, event: evt.Event) -> None:
+        with self._lock:
+            self.open_now += 1
+            self.max_open = max(self.max_open, self.open_now)
+
+    def _on_closed(self, event: evt.Event) -> None:
+        with self._lock:
+            self.open_now -= 1
 
     def _on_store(self, event: evt.Event) -> int:
         with self._lock:
