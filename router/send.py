@@ -87,7 +87,7 @@ DIRECT_DATA = True
 """Write a streamed C-STORE's PDUs to the socket from the sending thread (see
 `_send_msg`) instead of handing each 16 KB PDU to pynetdicom's DUL thread."""
 
-_DIRECT_BLOCK = 1 << 20
+_DIRECT_BLOCK = 1 << 18
 """Bytes of a file framed into PDUs and written per socket call on the direct path."""
 
 _PDV_HEADER = struct.Struct(">BBLLBB")
@@ -251,8 +251,8 @@ def _c_store_command(primitive: C_STORE) -> bytes:
 def _frame(out: bytearray, payload: memoryview, context_id: int, step: int, flags: int) -> None:
     """Append `payload` as P-DATA-TF PDUs of one PDV each, at most `step` value bytes.
 
-    `flags` is the message control header of the last fragment (0x02 last data fragment,
-    0x03 last command fragment, 0x00/0x01 not last).
+    `flags` is the message control header of the last fragment (0x03 last command
+    fragment; the others get `flags & 0x01`).
     """
     for start in range(0, max(len(payload), 1), step):
         chunk = payload[start : start + step]
@@ -274,7 +274,7 @@ def _send_msg(
     CPU per 0.5 MB image, competing with the sending thread for the GIL. A P-DATA-TF leaves
     the state machine in Sta6 and nothing else is queued while `send_c_store()` runs (its
     reactor is parked), so the same bytes are written here, framed exactly as pynetdicom's
-    `encode_msg` frames them, in 1 MB socket writes. The DUL thread still reads and handles
+    `encode_msg` frames them, in 256 KB socket writes. The DUL thread still reads and handles
     everything that arrives. Socket errors are turned into the DUL's "connection closed"
     event, as pynetdicom's own `AssociationSocket.send` does; file errors propagate.
     Anything else (echo, a dataset in memory, TLS, an unparked reactor) goes pynetdicom's way.
@@ -305,21 +305,34 @@ def _send_msg(
         out = bytearray()
         _frame(out, memoryview(_c_store_command(primitive)), context_id, step, 0x03)
         fh.seek(offset)
-        done = 0
+        if size <= 0:  # no data set bytes: one empty last fragment
+            out += _PDV_HEADER.pack(4, 0, 6, 2, context_id, 0x02)
+        left, in_pdu = size, 0  # data set bytes not yet framed; left in the current PDU
         while True:
-            block = fh.read(min(size - done, max(step, _DIRECT_BLOCK // step * step)))
-            if not block and done < size:
+            block = memoryview(fh.read(min(_DIRECT_BLOCK, max(left + in_pdu, 0))))
+            if not block and left + in_pdu > 0:
                 raise OSError(f"{path} became shorter while it was being sent")
-            done += len(block)
-            _frame(out, memoryview(block), context_id, step, 0x02 if done >= size else 0x00)
+            pos = 0
+            while pos < len(block):
+                if not in_pdu:
+                    in_pdu = min(step, left)
+                    left -= in_pdu
+                    flag = 0x00 if left else 0x02
+                    out += _PDV_HEADER.pack(4, 0, in_pdu + 6, in_pdu + 2, context_id, flag)
+                take = min(in_pdu, len(block) - pos)
+                out += block[pos : pos + take]
+                pos += take
+                in_pdu -= take
             try:
+                # One block a write: the socket's (network) time-out bounds each write,
+                # so on a slow link it stays a time-out for progress, not for the file.
                 link.tcp.sendall(out)
             except OSError as exc:
                 log.debug("sending to %s failed: %s", assoc.acceptor.ae_title, exc)
                 assoc.dul.event_queue.put("Evt17")
                 return
             out.clear()
-            if done >= size:
+            if left + in_pdu <= 0:
                 return
 
 
