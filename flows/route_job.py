@@ -35,6 +35,7 @@ from router.route import (
     attempt_once,
     current_progress,
     finish,
+    make_error_report,
     mark_invalid,
     missing,
     new_report,
@@ -94,6 +95,11 @@ def scan_task(job_dir: Path, directory: str, tags: set[str]) -> Scan:
     return result
 
 
+@task(name="error-report", cache_policy=NO_CACHE)
+def error_report_task(job: Job, settings: Settings) -> DicomFile | None:
+    return make_error_report(job, settings)
+
+
 @task(name="select-files", cache_policy=NO_CACHE)
 def select_task(files: Sequence[DicomFile], which: Any) -> Selection:
     return select(files, which)
@@ -143,9 +149,15 @@ class FlowSteps:
     force: bool
     limits: dict[str, str] = field(default_factory=dict)
     """Destination key -> its concurrency limit, ensured once per run."""
+    report: list[DicomFile | None] = field(default_factory=list)
 
     def endpoint(self, entry: SendEntry) -> Endpoint:
         return entry.destination.endpoint(self.settings.me, self.settings.port)
+
+    def error_report(self) -> DicomFile | None:
+        if not self.report:
+            self.report.append(error_report_task(self.job, self.settings))
+        return self.report[0]
 
     def scan(self, directory: str) -> Scan:
         return scan_task(self.job.path, directory, scan_tags(self.config, directory))

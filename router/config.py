@@ -58,8 +58,10 @@ def check_regex(value: Any) -> str:
         raise ValueError(f"expected a regular expression as a string, got {value!r}")
     try:
         re.compile(value)
-    except re.error as exc:
+    except (re.error, OverflowError) as exc:
         raise ValueError(f"invalid regular expression {value!r}: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"regular expression nested too deeply: {value[:40]!r}...") from None
     return value
 
 
@@ -71,6 +73,8 @@ def check_aet(value: Any) -> str:
         raise ValueError(f"AE title {value!r} must have 1 to 16 characters")
     if "\\" in stripped or any(ord(c) < 32 or ord(c) == 127 for c in stripped):
         raise ValueError(f"AE title {value!r} must not contain a backslash or control characters")
+    if not stripped.isascii():
+        raise ValueError(f"AE title {value!r} must be ASCII (DICOM's default repertoire)")
     return stripped
 
 
@@ -79,7 +83,7 @@ def check_port(value: Any) -> int | str:
         return PORT
     if isinstance(value, bool):
         raise ValueError(f"expected a port number, got {value!r}")
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and re.fullmatch(r"[0-9]+", value.strip()):
         value = int(value.strip())
     if not isinstance(value, int) or not 1 <= value <= 65535:
         raise ValueError(f'expected a port number 1-65535 or "$port", got {value!r}')
@@ -139,6 +143,28 @@ class Destination(BaseModel):
     max_associations: int | None = Field(None, ge=1, le=64)
     """Extension: associations open at once to this destination over all jobs."""
 
+    @field_validator("which", mode="before")
+    @classmethod
+    def _one_spelling_per_tag(cls, value: Any) -> Any:
+        """`"0008,103e"` and `SeriesDescription` in one object would silently merge."""
+        if not isinstance(value, list):
+            return value
+        for i, entry in enumerate(value):
+            if not isinstance(entry, dict):
+                continue
+            seen: dict[str, str] = {}
+            for key in entry:
+                try:
+                    tag = parse_tag(key)
+                except ValueError:
+                    continue  # reported by the tag's own validation
+                if tag in seen:
+                    raise ValueError(
+                        f"which[{i}] names {tag_label(tag)} twice ({seen[tag]!r} and {key!r})"
+                    )
+                seen[tag] = key
+        return value
+
     @field_validator("which")
     @classmethod
     def _which_not_empty(cls, value: list[dict[str, str]] | None) -> list[dict[str, str]] | None:
@@ -169,6 +195,8 @@ class Rule(BaseModel):
     RouteDirectory: Literal["OUTPUT", "INPUT"] = "OUTPUT"
     send: list[dict[Regex, Destination]]
     break_: Flag = Field(False, alias="break")
+    error_report: Flag = False
+    """Extension: when the computation failed, send a report of proc.json with the files."""
 
     @field_validator("RouteDirectory", mode="before")
     @classmethod

@@ -87,7 +87,7 @@ class Job:
 
 def _read_json(path: Path) -> Any:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise JobInvalid(path, f"not UTF-8 text: {exc}") from None
     except OSError as exc:
@@ -98,6 +98,10 @@ def _read_json(path: Path) -> Any:
         raise JobInvalid(
             path, f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
         ) from None
+    except RecursionError:
+        raise JobInvalid(path, "not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer too long to convert
+        raise JobInvalid(path, f"not valid JSON: {exc}") from None
 
 
 def _problems(exc: ValidationError) -> str:

@@ -31,6 +31,7 @@ def strip_comments(text: str) -> str:
     out: list[str] = []
     i, n = 0, len(text)
     last_comma: int | None = None  # index in `out` of a comma not yet followed by a value
+    after_value = False  # the last significant character ended a value (not [ { , :)
     while i < n:
         c = text[i]
         if c == '"':
@@ -40,6 +41,7 @@ def strip_comments(text: str) -> str:
             out.append(text[i : j + 1])
             i = j + 1
             last_comma = None
+            after_value = True
         elif text.startswith("//", i):
             j = text.find("\n", i)
             j = n if j < 0 else j
@@ -54,18 +56,22 @@ def strip_comments(text: str) -> str:
             out.append(_blank(text[i : j + 2]))
             i = j + 2
         elif c == ",":
-            last_comma = len(out)
+            # a comma with no value before it ("[,]") is left for json to refuse
+            last_comma = len(out) if after_value else None
+            after_value = False
             out.append(c)
             i += 1
         elif c in "]}":
             if last_comma is not None:
                 out[last_comma] = " "
             last_comma = None
+            after_value = True
             out.append(c)
             i += 1
         else:
             if not c.isspace():
                 last_comma = None
+                after_value = c not in "[{:"
             out.append(c)
             i += 1
     return "".join(out)
@@ -87,5 +93,7 @@ def loads(text: str) -> Any:
         return json.loads(cleaned, object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as exc:
         raise JsoncError(exc.msg, exc.lineno, exc.colno) from None
-    except ValueError as exc:  # duplicate key
+    except RecursionError:
+        raise JsoncError("nested too deeply") from None
+    except ValueError as exc:  # duplicate key, or an integer too long to convert
         raise JsoncError(str(exc)) from None

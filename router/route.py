@@ -18,13 +18,14 @@ from typing import Protocol
 
 from router import routing_log
 from router.config import RoutingConfig, RuleSpec, SendEntry
+from router.error_report import find_reference, report_path, write_error_report
 from router.job import Job, JobInvalid, load_job
 from router.lock import job_lock
 from router.model import DicomFile, Endpoint, SendError, StoreResult, status_is_transient
 from router.record import Record, Status, now, read_status, write_status
 from router.report import Delivery, EntryOutcome, JobReport, RuleOutcome
-from router.rules import RuleMatch, match_rules
-from router.select import Scan, Selection, scan, select
+from router.rules import RuleMatch, fullmatch, match_rules
+from router.select import Scan, Selection, read_header, scan, select
 from router.send import send_files
 from router.settings import Settings
 
@@ -52,6 +53,7 @@ def reporting_progress(callback: Progress | None) -> Iterator[None]:
 
 class Steps(Protocol):
     def endpoint(self, entry: SendEntry) -> Endpoint: ...
+    def error_report(self) -> DicomFile | None: ...
     def scan(self, directory: str) -> Scan: ...
     def select(self, rule: RuleSpec, entry: SendEntry, scan: Scan) -> Selection: ...
     def deliver(
@@ -258,11 +260,14 @@ def route_rules(matches: Sequence[RuleMatch], steps: Steps) -> Routing:
         if directory not in scans:
             scans[directory] = steps.scan(directory)
         folder = scans[directory]
+        report = steps.error_report() if spec.rule.error_report else None
         matching = match.matching
         for n, entry in enumerate(matching):
             dest = entry.destination
             endpoint = steps.endpoint(entry)
             selection = steps.select(spec, entry, folder)
+            if report is not None:  # goes with the results, whatever `which` selects
+                selection = Selection((*selection.selected, report), selection.excluded)
             result = EntryOutcome(
                 index=entry.index,
                 pattern=entry.pattern,
@@ -300,6 +305,15 @@ def _mark_covered(entries: list[EntryOutcome]) -> None:
             entry.covered = any(later.state == "succeeded" for later in entries[i + 1 :])
 
 
+def make_error_report(job: Job, settings: Settings) -> DicomFile | None:
+    """The error report of a failed computation, written under JOB/.routing/; else None."""
+    if fullmatch(settings.success_pattern, job.success):
+        return None
+    target = report_path(job.path)
+    write_error_report(job, find_reference(job.path), target)
+    return read_header(target, target.relative_to(job.path).as_posix())
+
+
 # --- the plain path -------------------------------------------------------------------------
 
 
@@ -316,6 +330,11 @@ class LocalSteps:
 
     def endpoint(self, entry: SendEntry) -> Endpoint:
         return entry.destination.endpoint(self.settings.me, self.settings.port)
+
+    def error_report(self) -> DicomFile | None:
+        if not hasattr(self, "_report"):
+            self._report = make_error_report(self.job, self.settings)
+        return self._report
 
     def scan(self, directory: str) -> Scan:
         return scan(self.job.path, directory, scan_tags(self.config, directory))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from router.config import check_regex
 from router.model import Timeouts
 from router.sweep import Backoff
 
@@ -29,6 +30,9 @@ class Settings(BaseSettings):
     retry_delay: float = Field(5.0, ge=0, description="First retry's delay, seconds.")
     retry_backoff: float = Field(2.0, ge=1, description="Each further delay is this × longer.")
 
+    success_pattern: str = Field(
+        "success", description="proc.json success values that mean the computation worked."
+    )
     max_associations: int = Field(
         2, ge=1, description="Associations open at once to one destination, over all jobs."
     )
@@ -39,6 +43,11 @@ class Settings(BaseSettings):
     sweep_retry_delay: float = Field(300.0, ge=0, description="A failed job's first re-try, s.")
     sweep_retry_backoff: float = Field(2.0, ge=1, description="Growth of the sweep's delay.")
     sweep_max_failures: int = Field(5, ge=1, description="Failed runs before a sweep gives up.")
+
+    @field_validator("success_pattern")
+    @classmethod
+    def _regex(cls, value: str) -> str:
+        return check_regex(value)
 
     def timeouts(self) -> Timeouts:
         return Timeouts(

@@ -4,7 +4,7 @@ Routing files are written by hand and job files by other programs, so both are u
 A sweep must report a bad file and go on; the only acceptable failures are therefore the
 documented ones (ConfigError with its problems, JobInvalid naming the file, JobWaiting, a
 file skipped with a reason). Anything else would abort the sweep or the CLI with a
-traceback. Known bugs are kept as strict xfail tests that assert the correct behaviour.
+traceback. Inputs that once crashed them are kept as regression tests.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ valid_names = (
 invalid_names = st.integers() | st.lists(st.text(max_size=3), max_size=2) | st.booleans()
 
 VALID_REGEXES = [".*", "", "success", "succ.*", "PACS|OSIRIX", "(?i)proc.*", r"\d+", "[A-Z]{1,16}"]
-# Invalid patterns that re.compile reports as re.error (see the xfail tests for the others).
+# Invalid patterns that re.compile reports as re.error (the others are regression tests below).
 INVALID_REGEXES = ["(", "[a-", "*", "a**", "(?P<x", "\\", "(?<=a+)b", "a{2,1}"]
 valid_regexes = st.sampled_from(VALID_REGEXES)
 regex_keys = st.sampled_from(VALID_REGEXES) | st.sampled_from(INVALID_REGEXES) | st.text(max_size=6)
@@ -581,19 +581,11 @@ needs_int_limit = pytest.mark.skipif(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="jsonc.loads lets RecursionError from json.loads escape on deeply nested input",
-)
 @pytest.mark.parametrize("text", [DEEP, DEEP_CLOSED], ids=["unclosed", "closed"])
 def test_deeply_nested_config_is_a_config_error(text: str) -> None:
     assert isinstance(outcome(text), list)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="check_regex catches only re.error; re.compile raises OverflowError and RecursionError too",
-)
 @pytest.mark.parametrize(
     "pattern",
     ["a{4294967296}", "a{1,99999999999999999999}", "(" * 5_000 + ")" * 5_000],
@@ -608,10 +600,6 @@ def test_uncompilable_regex_is_a_config_error(pattern: str) -> None:
     assert problems[0].startswith('rule 1 "r": AETitleIn: ')
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="job._read_json catches only JSONDecodeError: RecursionError and ValueError escape",
-)
 @pytest.mark.parametrize(
     ("name", "text"),
     [
@@ -641,10 +629,6 @@ def test_undecodable_job_file_is_invalid(tmp_path: Path, name: str, text: str) -
     assert info.value.file == tmp_path / name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="strip_comments blanks a comma that follows no value: [,] and {,} parse as empty",
-)
 @pytest.mark.parametrize("text", ["[,]", "{,}", '{"routing": [,]}', '{"routing": [ , // x\n]}'])
 def test_lone_comma_is_not_a_trailing_comma(text: str) -> None:
     with pytest.raises(jsonc.JsoncError):
@@ -665,10 +649,6 @@ def _dicom_ae(value: str) -> bool:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="check_aet accepts non-ASCII AE titles that pynetdicom refuses when sending",
-)
 @FAST
 @given(st.text(max_size=18) | valid_aets)
 @example("é")
@@ -682,10 +662,6 @@ def test_accepted_ae_titles_are_usable_by_pynetdicom(ae: str) -> None:
         assert not _dicom_ae(ae)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="two spellings of one tag in a which object collapse to one key, dropping a condition",
-)
 def test_one_tag_twice_in_a_which_object_is_refused() -> None:
     which = [{"0008,103e": "A.*", "SeriesDescription": "B.*"}]
     dest = {"IP": "h", "PORT": 104, "AETitleSender": "A", "AETitleTo": "B", "which": which}

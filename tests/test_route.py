@@ -446,3 +446,46 @@ def load_config_path(path: Path) -> RoutingConfig:
     from router.config import load_config
 
     return load_config(path)
+
+
+def test_error_report_goes_with_the_results_of_a_failed_computation(
+    tmp_path: Path, scp: Callable[..., Any]
+) -> None:
+    from pydicom import dcmread
+    from pydicom.uid import BasicTextSRStorage
+
+    server = scp(keep_data=True)
+    cfg = rules(
+        {
+            "error_report": 1,
+            "send": [{".*": dest(server.port, which=[{"SeriesDescription": "OUTPUT"}])}],
+        }
+    )
+    failed = tmp_path / "failed"
+    files = write_job(
+        failed, n_output=2, n_input=1, success="failed", message="Segmentation did not converge"
+    )
+    report = route_job(failed, cfg, settings(tmp_path))
+    assert report.state == "routed"
+    sr = [a for a in server.arrivals if a.sop_instance_uid not in uids(files, "OUTPUT")]
+    assert len(sr) == 1 and len(server.arrivals) == 3
+    stored = dcmread(__import__("io").BytesIO(server.data[sr[0].sop_instance_uid]), force=True)
+    assert stored.SOPClassUID == BasicTextSRStorage
+    assert stored.StudyInstanceUID == dicom_study(files[0])
+    texts = [item.get("TextValue", "") for item in stored.ContentSequence]
+    assert "Segmentation did not converge" in texts
+
+    route_job(failed, cfg, settings(tmp_path))  # again: nothing new, the report included
+    assert all(n == 1 for n in server.counts.values())
+
+    ok = tmp_path / "ok"
+    files = write_job(ok, n_output=2, n_input=0, success="success")
+    route_job(ok, cfg, settings(tmp_path))
+    assert len(server.counts) == 5  # the two results, no report
+    assert not (ok / ".routing").exists()
+
+
+def dicom_study(path: Path) -> str:
+    from pydicom import dcmread
+
+    return str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
