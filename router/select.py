@@ -15,6 +15,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
+from pydicom.uid import UID
 
 from router.config import tag_label
 from router.model import DicomFile
@@ -96,7 +97,11 @@ def _text(value: object) -> str:
 
 
 def read_header(path: Path, relpath: str, tags: Iterable[str] = ()) -> DicomFile:
-    """Read what routing needs from one file; raises ValueError with the reason."""
+    """Read what routing needs from one file.
+
+    Raises ValueError with the reason for a file routing cannot send; pydicom may raise
+    other errors on a damaged file, which `scan` reports as unreadable.
+    """
     with path.open("rb") as fh:
         head = fh.read(132)
         if len(head) < 132 or head[128:132] != b"DICM":
@@ -111,6 +116,11 @@ def read_header(path: Path, relpath: str, tags: Iterable[str] = ()) -> DicomFile
         raise ValueError("DICOM file without a transfer syntax in its file meta")
     if not sop_class or not sop_instance:
         raise ValueError("DICOM file without SOPClassUID or SOPInstanceUID")
+    for name, uid in (("transfer syntax", ts), ("SOPClassUID", sop_class)):
+        if not UID(str(uid)).is_valid:
+            raise ValueError(f"invalid {name} {str(uid)[:70]!r}")
+    if not UID(str(sop_instance)).is_valid:
+        raise ValueError(f"invalid SOPInstanceUID {str(sop_instance)[:70]!r}")
     values = {}
     for tag in tags:
         elem = ds.get(Tag(int(tag, 16)))
