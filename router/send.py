@@ -12,7 +12,8 @@ kept parked between our requests (which also closes pynetdicom's lost-response r
 DUL thread waiting for responses in select() rather than polling, and the file's bytes
 framed and written by the sending thread rather than 16 KB at a time by the DUL thread.
 One association then carries 400-650 CT images of 0.5 MB per second over loopback on two
-cores, 0.5-0.65x dcmtk's storescu, at ~1 ms of CPU per image (4 ms before). These touch
+cores, 0.5-0.65x dcmtk's storescu, at 1-1.5 ms of CPU per image (2.4-4 ms through
+pynetdicom's own send path with the other settings). These touch
 pynetdicom 3.0 internals (underscore names); the tests exercise each against pynetdicom's
 SCP and dcmtk's storescp, and `DIRECT_DATA = False` falls back to pynetdicom's own path.
 """
@@ -81,7 +82,8 @@ QUICKACK = hasattr(socket, "TCP_QUICKACK")
 TCP_NODELAY=1, Orthanc as packaged) otherwise holds each response until our delayed ACK."""
 
 WAIT_IN_SELECT = True
-"""While sending, the DUL thread waits for responses in select() instead of polling."""
+"""While sending, the DUL thread waits for responses in select() instead of polling.
+Only with DIRECT_DATA: otherwise it has our PDUs to send and must keep polling its queue."""
 
 DIRECT_DATA = True
 """Write a streamed C-STORE's PDUs to the socket from the sending thread (see
@@ -99,6 +101,10 @@ _READY_WAIT = 0.001
 
 _PARK_SETTLE = 0.003
 """Seconds to re-check that the reactor really sits in its wait (its loop sleeps 1 ms)."""
+
+
+def _waits_in_select() -> bool:
+    return WAIT_IN_SELECT and DIRECT_DATA
 
 
 # -- pynetdicom plumbing, confined to our own associations -----------------------------------
@@ -166,7 +172,7 @@ class _AssociationSocket(AssociationSocket):
         """
         sock = self.socket
         parked = self.assoc._reactor_checkpoint.parked
-        if sock is None or not self._is_connected or not parked or not WAIT_IN_SELECT:
+        if sock is None or not self._is_connected or not parked or not _waits_in_select():
             return bool(super().ready)
         try:
             readable, _, _ = select.select([sock], [], [], _READY_WAIT)
@@ -386,7 +392,7 @@ def _parked_reactor(assoc: Association) -> Iterator[_Checkpoint]:
             time.sleep(0.0001)
         time.sleep(_PARK_SETTLE)
     checkpoint.parked = True
-    assoc.dul._run_loop_delay = 0 if WAIT_IN_SELECT else DUL_LOOP_DELAY
+    assoc.dul._run_loop_delay = 0 if _waits_in_select() else DUL_LOOP_DELAY
     try:
         yield checkpoint
     finally:
