@@ -152,7 +152,9 @@ class FlowSteps:
     report: list[DicomFile | None] = field(default_factory=list)
 
     def endpoint(self, entry: SendEntry) -> Endpoint:
-        return entry.destination.endpoint(self.settings.me, self.settings.port)
+        return entry.destination.endpoint(
+            self.settings.me, self.settings.port, self.settings.associations
+        )
 
     def error_report(self) -> DicomFile | None:
         if not self.report:

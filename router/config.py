@@ -24,7 +24,7 @@ from pydantic import (
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
 
 from router import jsonc
-from router.model import Endpoint
+from router.model import Endpoint, TlsOptions
 
 ME = "$me"
 PORT = "$port"
@@ -129,6 +129,24 @@ Host = Annotated[str, BeforeValidator(check_host)]
 Tag = Annotated[str, BeforeValidator(parse_tag)]
 
 
+class Tls(BaseModel):
+    """Extension `tls` of a destination."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    verify: Flag = True
+
+    @field_validator("key")
+    @classmethod
+    def _key_needs_cert(cls, value: str | None, info: Any) -> str | None:
+        if value is not None and info.data.get("cert") is None:
+            raise ValueError("a key without a cert: give both, or neither")
+        return value
+
+
 class Destination(BaseModel):
     """Where one send entry goes, and which files it takes."""
 
@@ -142,6 +160,12 @@ class Destination(BaseModel):
     which: list[dict[Tag, Regex]] | None = None
     max_associations: int | None = Field(None, ge=1, le=64)
     """Extension: associations open at once to this destination over all jobs."""
+    associations: int | None = Field(None, ge=1, le=16)
+    """Extension: associations one job's files are spread over (default: the setting)."""
+    tls: Tls | None = None
+    """Extension: DICOM TLS."""
+    convert: Flag = True
+    """Extension: decompress losslessly what the destination does not take as it is."""
 
     @field_validator("which", mode="before")
     @classmethod
@@ -174,13 +198,17 @@ class Destination(BaseModel):
                     raise ValueError(f"which[{i}] is empty: name at least one tag")
         return value
 
-    def endpoint(self, me: str, port: int) -> Endpoint:
+    def endpoint(self, me: str, port: int, associations: int = 1) -> Endpoint:
         """Replace `$me`/`$port` (only as a field's whole value) with this box's address."""
+        tls = self.tls
         return Endpoint(
             host=me if self.IP == ME else self.IP,
             port=port if self.PORT == PORT else int(self.PORT),
             called_aet=self.AETitleTo,
             calling_aet=self.AETitleSender,
+            tls=TlsOptions(tls.ca, tls.cert, tls.key, tls.verify) if tls else None,
+            associations=self.associations or associations,
+            convert=self.convert,
         )
 
 

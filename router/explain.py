@@ -49,7 +49,7 @@ def explain(
         entries = []
         for em in match.entries:
             dest = em.entry.destination
-            endpoint = dest.endpoint(settings.me, settings.port)
+            endpoint = dest.endpoint(settings.me, settings.port, settings.associations)
             view = EntryView(
                 index=em.entry.index,
                 pattern=em.entry.pattern,

@@ -31,6 +31,18 @@ class DicomFile:
 
 
 @dataclass(frozen=True)
+class TlsOptions:
+    """DICOM TLS for one destination (PS3.15 B.1); the peer is verified unless told not to."""
+
+    ca_file: str | None = None
+    """CA bundle that signs the destination's certificate; None: the system's."""
+    cert_file: str | None = None
+    """Our certificate, for destinations that require client authentication."""
+    key_file: str | None = None
+    verify: bool = True
+
+
+@dataclass(frozen=True)
 class Endpoint:
     """A destination with `$me`/`$port` resolved: where one association goes."""
 
@@ -38,6 +50,11 @@ class Endpoint:
     port: int
     called_aet: str
     calling_aet: str
+    tls: TlsOptions | None = None
+    associations: int = 1
+    """Associations used in parallel for one job's files."""
+    convert: bool = True
+    """Decompress (losslessly) what the destination does not accept as it is."""
 
     @property
     def key(self) -> str:

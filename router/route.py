@@ -329,7 +329,9 @@ class LocalSteps:
     progress: Progress | None = None
 
     def endpoint(self, entry: SendEntry) -> Endpoint:
-        return entry.destination.endpoint(self.settings.me, self.settings.port)
+        return entry.destination.endpoint(
+            self.settings.me, self.settings.port, self.settings.associations
+        )
 
     def error_report(self) -> DicomFile | None:
         if not hasattr(self, "_report"):

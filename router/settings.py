@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     success_pattern: str = Field(
         "success", description="proc.json success values that mean the computation worked."
     )
+    associations: int = Field(
+        1, ge=1, le=16, description="Associations one job's files are spread over, per destination."
+    )
     max_associations: int = Field(
         2, ge=1, description="Associations open at once to one destination, over all jobs."
     )
