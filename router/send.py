@@ -26,11 +26,13 @@ import logging
 import os
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import pynetdicom._config
@@ -103,39 +105,77 @@ _PARK_SETTLE = 0.003
 """Seconds to re-check that the reactor really sits in its wait (its loop sleeps 1 ms)."""
 
 
-def _waits_in_select() -> bool:
-    return WAIT_IN_SELECT and DIRECT_DATA
-
-
 # -- pynetdicom plumbing, confined to our own associations -----------------------------------
 
 
-class _TcpSocket(socket.socket):
-    """TCP socket that remembers why connect() failed and keeps reads bounded and fast."""
+@dataclass
+class _Conn:
+    """How the TCP (and TLS) connection of one association went; shared by its sockets."""
 
-    def __init__(self, family: int, network_timeout: float | None) -> None:
+    network_timeout: float | None
+    connected: bool = False
+    error: OSError | None = None
+
+
+class _TcpSocket(socket.socket):
+    """TCP socket that records why connect() failed and keeps reads bounded and fast."""
+
+    def __init__(self, family: int, conn: _Conn) -> None:
         super().__init__(family, socket.SOCK_STREAM)
-        self.connect_error: OSError | None = None
-        self.connected = False
-        self.network_timeout = network_timeout
+        self.conn = conn
 
     def connect(self, address: Any) -> None:
         try:
             super().connect(address)
         except OSError as exc:
-            self.connect_error = exc
+            self.conn.error = exc
             raise
-        self.connected = True
+        self.conn.connected = True
 
     def settimeout(self, value: float | None) -> None:
         # pynetdicom clears the time-out after connecting, so a peer that stops mid-PDU
         # would block the DUL thread (and our abort of it) forever; keep the network one.
-        super().settimeout(self.network_timeout if value is None else value)
+        super().settimeout(self.conn.network_timeout if value is None else value)
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         if QUICKACK:
             self.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         return super().recv(bufsize, flags)
+
+
+class _TlsSocket(ssl.SSLSocket):
+    """What `_TcpSocket` is, for the TLS socket pynetdicom wraps around it."""
+
+    conn: _Conn
+
+    @classmethod
+    def _create(cls, sock: socket.socket, *args: Any, **kwargs: Any) -> _TlsSocket:
+        conn = sock.conn if isinstance(sock, _TcpSocket) else _Conn(sock.gettimeout())
+        tls = super()._create(sock, *args, **kwargs)  # type: ignore[misc]
+        tls.conn = conn
+        return tls
+
+    def connect(self, address: Any) -> None:
+        try:
+            super().connect(address)  # TCP connect, then the TLS handshake
+        except OSError as exc:
+            self.conn.error = exc
+            raise
+        self.conn.connected = True
+
+    def settimeout(self, value: float | None) -> None:
+        super().settimeout(self.conn.network_timeout if value is None else value)
+
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        if QUICKACK:
+            self.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        try:
+            return super().recv(buflen, flags)
+        except ssl.SSLError as exc:
+            # With TLS 1.3 a server refuses our certificate only after the handshake, in
+            # an alert that arrives here: keep it to say why the association failed.
+            self.conn.error = exc
+            raise
 
 
 class _AssociationSocket(AssociationSocket):
@@ -145,13 +185,15 @@ class _AssociationSocket(AssociationSocket):
     """
 
     tcp: _TcpSocket
+    conn: _Conn
     acse_received: list[Any]
 
     def _create_socket(self, address: AddressInformation) -> socket.socket:
         # Same as pynetdicom's, with Nagle off: it otherwise stalls each PDU by up to 40 ms.
         self.acse_received = []
+        self.conn = _Conn(self.assoc.network_timeout)
         family = socket.AF_INET if address.is_ipv4 else socket.AF_INET6
-        sock = _TcpSocket(family, self.assoc.network_timeout)
+        sock = _TcpSocket(family, self.conn)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(self.assoc.network_timeout)
@@ -161,18 +203,22 @@ class _AssociationSocket(AssociationSocket):
         return sock
 
     @property
+    def direct(self) -> bool:
+        """Can we write to the connection ourselves (connected, plain TCP, DIRECT_DATA)?"""
+        return DIRECT_DATA and self.socket is self.tcp and self._is_connected
+
+    @property
     def ready(self) -> bool:
         """Whether data waits; while we send, wait for it in select() rather than poll.
 
         The DUL thread asks this every loop turn and sleeps between turns, so a response
-        waits for the next turn. While the reactor is parked (our C-STOREs), only an abort
-        can come from our side, so the DUL can afford to block here for up to
-        `_READY_WAIT` and wake the moment the response arrives (`_parked_reactor` also
-        drops the DUL's sleep to 0 for that time).
+        waits for the next turn. While the reactor is parked (our C-STOREs) and we write
+        our PDUs ourselves, only an abort can come from our side, so the DUL can afford to
+        block here for up to `_READY_WAIT` and wake the moment the response arrives
+        (`_parked_reactor` also drops the DUL's sleep to 0 for that time).
         """
         sock = self.socket
-        parked = self.assoc._reactor_checkpoint.parked
-        if sock is None or not self._is_connected or not parked or not _waits_in_select():
+        if sock is None or not self.assoc._reactor_checkpoint.parked or not self._waits():
             return bool(super().ready)
         try:
             readable, _, _ = select.select([sock], [], [], _READY_WAIT)
@@ -180,6 +226,9 @@ class _AssociationSocket(AssociationSocket):
             self.event_queue.put("Evt17")  # as pynetdicom's own `ready` does
             return False
         return bool(readable)
+
+    def _waits(self) -> bool:
+        return WAIT_IN_SELECT and self.direct
 
 
 class _Checkpoint(threading.Event):
@@ -292,7 +341,7 @@ def _send_msg(
         isinstance(primitive, C_STORE)
         and path_offset is not None
         and assoc._reactor_checkpoint.parked  # else the reactor may take the response
-        and link.socket is link.tcp  # connected, and not wrapped in TLS
+        and link.direct  # connected, and not wrapped in TLS
     )
     if not direct:
         pynetdicom_send_msg(primitive, context_id)
@@ -350,9 +399,8 @@ class _AE(AE):
     ) -> AssociationSocket:
         assoc.dul._run_loop_delay = DUL_LOOP_DELAY
         assoc._reactor_checkpoint = _Checkpoint(assoc)
-        if DIRECT_DATA:
-            pynetdicom_send_msg = assoc.dimse.send_msg
-            assoc.dimse.send_msg = functools.partial(_send_msg, assoc.dimse, pynetdicom_send_msg)
+        pynetdicom_send_msg = assoc.dimse.send_msg
+        assoc.dimse.send_msg = functools.partial(_send_msg, assoc.dimse, pynetdicom_send_msg)
         if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
             # pynetdicom's per-PDU and per-message debug loggers run for every one of the
             # ~32 PDUs of a 0.5 MB image even when nothing is logged.
@@ -361,6 +409,24 @@ class _AE(AE):
         sock = _AssociationSocket(assoc, address=address)
         sock.tls_args = tls_args
         return sock
+
+
+def _tls_args(endpoint: Endpoint) -> tuple[ssl.SSLContext, str] | None:
+    """The client TLS context for `endpoint.tls`; SendError (permanent) if it can't be made."""
+    options = endpoint.tls
+    if options is None:
+        return None
+    try:
+        context = ssl.create_default_context(cafile=options.ca_file)
+        if not options.verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        if options.cert_file:
+            context.load_cert_chain(options.cert_file, options.key_file)
+    except (OSError, ValueError) as exc:
+        raise SendError(f"TLS set-up for {endpoint.key} failed: {exc}", transient=False) from exc
+    context.sslsocket_class = _TlsSocket
+    return context, endpoint.host
 
 
 def _make_ae(endpoint: Endpoint, timeouts: Timeouts) -> _AE:
@@ -392,7 +458,7 @@ def _parked_reactor(assoc: Association) -> Iterator[_Checkpoint]:
             time.sleep(0.0001)
         time.sleep(_PARK_SETTLE)
     checkpoint.parked = True
-    assoc.dul._run_loop_delay = 0 if _waits_in_select() else DUL_LOOP_DELAY
+    assoc.dul._run_loop_delay = 0 if _link(assoc)._waits() else DUL_LOOP_DELAY
     try:
         yield checkpoint
     finally:
@@ -440,19 +506,27 @@ def _status_text(status: int, rsp: Dataset) -> str:
     return f"{text}; peer says: {comment}" if comment else text
 
 
-def _connect_failure(endpoint: Endpoint, exc: OSError | None, timeouts: Timeouts) -> str:
+def _connect_failure(
+    endpoint: Endpoint, exc: OSError | None, timeouts: Timeouts
+) -> tuple[str, bool]:
+    """Why the TCP connection or the TLS handshake failed, and whether to retry."""
     where = f"{endpoint.host}:{endpoint.port}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS: the certificate of {where} is not trusted: {exc.verify_message}", False
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake with {where} failed: {exc.reason or exc}", False
     if isinstance(exc, ConnectionRefusedError):
-        return f"connection refused by {where}"
+        return f"connection refused by {where}", True
     if isinstance(exc, ConnectionResetError):
-        return f"connection reset by {where}"
+        return f"connection reset by {where}", True
     if isinstance(exc, TimeoutError):
-        return f"no TCP connection to {where} within {_secs(timeouts.connect)} (connect time-out)"
+        connect = _secs(timeouts.connect)
+        return f"no TCP connection to {where} within {connect} (connect time-out)", True
     if isinstance(exc, socket.gaierror):
-        return f"cannot resolve host {endpoint.host!r}: {exc.strerror or exc}"
+        return f"cannot resolve host {endpoint.host!r}: {exc.strerror or exc}", True
     if exc is not None:
-        return f"cannot connect to {where}: {exc.strerror or exc}"
-    return f"cannot connect to {where}"
+        return f"cannot connect to {where}: {exc.strerror or exc}", True
+    return f"cannot connect to {where}", True
 
 
 def _reason(text: str) -> str:
@@ -493,6 +567,7 @@ class _Sender:
         self.timeouts = timeouts
         self.on_result = on_result
         self.ae = _make_ae(endpoint, timeouts)
+        self.tls_args = _tls_args(endpoint)
 
     def associate(self, contexts: Sequence[tuple[str, str]]) -> Association:
         """Open an association proposing `contexts`; SendError or _NoContext if it fails."""
@@ -503,6 +578,7 @@ class _Sender:
             [build_context(sop, [ts]) for sop, ts in contexts],
             ae_title=ep.called_aet,
             max_pdu=self.timeouts.max_pdu,
+            tls_args=self.tls_args,
             evt_handlers=[(evt.EVT_ACSE_RECV, _on_acse_recv)],
         )
         if assoc.is_established:
@@ -515,9 +591,9 @@ class _Sender:
 
     def _association_failure(self, assoc: Association) -> Exception:
         ep, link = self.endpoint, _link(assoc)
-        if not link.tcp.connected:
-            reason = _connect_failure(ep, link.tcp.connect_error, self.timeouts)
-            return SendError(reason, transient=True)
+        if not link.conn.connected or isinstance(link.conn.error, ssl.SSLError):
+            reason, transient = _connect_failure(ep, link.conn.error, self.timeouts)
+            return SendError(reason, transient=transient)
         if not link.acse_received:
             acse = self.timeouts.acse
             return SendError(

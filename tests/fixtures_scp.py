@@ -14,6 +14,7 @@ What arrived is recorded: `arrivals` (one `Arrival` per stored instance, in orde
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from collections import Counter
@@ -66,6 +67,8 @@ class StorageSCP:
     max_pdu: int = 16382
     keep_data: bool = False
     """Keep each received dataset's bytes in `data` (by SOPInstanceUID)."""
+    ssl_context: ssl.SSLContext | None = None
+    """Serve DICOM over TLS with this server context."""
 
     refuse_instances: dict[str, int] = field(default_factory=dict)
     refuse_at: dict[int, int] = field(default_factory=dict)
@@ -112,7 +115,9 @@ class StorageSCP:
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
         ]
-        server = ae.start_server((self.host, 0), block=False, evt_handlers=handlers)
+        server = ae.start_server(
+            (self.host, 0), block=False, evt_handlers=handlers, ssl_context=self.ssl_context
+        )
         assert server is not None
         self.port = server.server_address[1]
         self._ae = ae
