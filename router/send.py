@@ -33,12 +33,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pynetdicom._config
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context, evt
 from pynetdicom._handlers import (
     standard_dimse_recv_handler,
@@ -97,6 +99,9 @@ _DIRECT_BLOCK = 1 << 18
 _PDV_HEADER = struct.Struct(">BBLLBB")
 """P-DATA-TF PDU header + one PDV item header: type, reserved, PDU length, item length,
 presentation context ID, message control header (PS3.8 9.3.5, E.2)."""
+
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+"""What a file the peer takes in no proposed context is converted to (the peer picks)."""
 
 _READY_WAIT = 0.001
 """Longest the DUL thread blocks waiting for data while parked (see `ready`)."""
@@ -187,10 +192,13 @@ class _AssociationSocket(AssociationSocket):
     tcp: _TcpSocket
     conn: _Conn
     acse_received: list[Any]
+    streaming: bool
+    """Files go from disk (else as datasets, through pynetdicom's DUL queue)."""
 
     def _create_socket(self, address: AddressInformation) -> socket.socket:
         # Same as pynetdicom's, with Nagle off: it otherwise stalls each PDU by up to 40 ms.
         self.acse_received = []
+        self.streaming = True
         self.conn = _Conn(self.assoc.network_timeout)
         family = socket.AF_INET if address.is_ipv4 else socket.AF_INET6
         sock = _TcpSocket(family, self.conn)
@@ -228,7 +236,7 @@ class _AssociationSocket(AssociationSocket):
         return bool(readable)
 
     def _waits(self) -> bool:
-        return WAIT_IN_SELECT and self.direct
+        return WAIT_IN_SELECT and self.direct and self.streaming
 
 
 class _Checkpoint(threading.Event):
@@ -569,13 +577,19 @@ class _Sender:
         self.ae = _make_ae(endpoint, timeouts)
         self.tls_args = _tls_args(endpoint)
 
-    def associate(self, contexts: Sequence[tuple[str, str]]) -> Association:
-        """Open an association proposing `contexts`; SendError or _NoContext if it fails."""
+    def associate(
+        self, contexts: Sequence[tuple[str, Sequence[str]]], *, streaming: bool = True
+    ) -> Association:
+        """Open an association proposing `contexts` (SOP class, transfer syntaxes).
+
+        SendError or _NoContext if it fails. `streaming`: files will be sent from disk
+        (otherwise as datasets in memory, through pynetdicom's own send path).
+        """
         ep = self.endpoint
         assoc = self.ae.associate(
             ep.host,
             ep.port,
-            [build_context(sop, [ts]) for sop, ts in contexts],
+            [build_context(sop, list(syntaxes)) for sop, syntaxes in contexts],
             ae_title=ep.called_aet,
             max_pdu=self.timeouts.max_pdu,
             tls_args=self.tls_args,
@@ -583,6 +597,7 @@ class _Sender:
         )
         if assoc.is_established:
             log.debug("associated with %s, %d contexts", ep, len(contexts))
+            _link(assoc).streaming = streaming
             return assoc
         try:
             raise self._association_failure(assoc)
@@ -632,51 +647,115 @@ class _Sender:
                 transient=False,
             )
 
-    def send_group(self, contexts: Sequence[tuple[str, str]], files: list[DicomFile]) -> bool:
+    def send_group(self, pairs: Sequence[tuple[str, str]], files: list[DicomFile]) -> bool:
         """Send `files` over one association (more only after a local file error).
 
-        Returns False when the peer accepted none of `contexts` (each file is reported).
+        What the peer takes in none of the proposed contexts is converted when the
+        destination allows it, else reported. Returns False when the peer accepted none of
+        the contexts (every file then reported, or converted).
         """
-        pending = files
+        contexts = [(sop, [ts]) for sop, ts in pairs]
+        pending, unaccepted, accepted_any = files, [], True
         while pending:
             try:
                 assoc = self.associate(contexts)
             except _NoContext:
+                unaccepted += pending
+                accepted_any = False
+                break
+            pending, refused = self.send_on(assoc, pending)
+            unaccepted += refused
+        if unaccepted and self.endpoint.convert:
+            return self.send_converted(unaccepted) or accepted_any
+        for f in unaccepted:
+            self._no_context(f)
+        return accepted_any
+
+    def send_converted(self, files: list[DicomFile]) -> bool:
+        """Send `files` decoded, in an uncompressed syntax the peer takes; False if none."""
+        classes = list(dict.fromkeys(f.sop_class_uid for f in files))
+        pending = files
+        while pending:
+            try:
+                assoc = self.associate([(c, _UNCOMPRESSED) for c in classes], streaming=False)
+            except _NoContext:
                 for f in pending:
-                    self._no_context(f)
+                    self._no_context(f, converting=True)
                 return False
-            pending = self.send_on(assoc, pending)
+            pending, _ = self.send_on(assoc, pending, converting=True)
         return True
 
-    def _no_context(self, f: DicomFile) -> None:
+    def _no_context(self, f: DicomFile, *, converting: bool = False) -> None:
         error = (
             f"no accepted presentation context for {_name(f.sop_class_uid)} "
             f"in {_name(f.transfer_syntax_uid)}"
         )
+        if converting:
+            error += ", nor in an uncompressed transfer syntax"
         self.on_result(StoreResult(f, None, error))
 
-    def send_on(self, assoc: Association, files: list[DicomFile]) -> list[DicomFile]:
-        """Send `files` in order; return those left when a local error broke the message."""
-        accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+    def send_on(
+        self, assoc: Association, files: list[DicomFile], *, converting: bool = False
+    ) -> tuple[list[DicomFile], list[DicomFile]]:
+        """Send `files` in order over `assoc`, and close it.
+
+        Returns the files left when a local error broke a message (to go on with over a
+        new association) and those the peer has no context for, if they are to be
+        converted (otherwise they are reported here).
+        """
+        if converting:
+            accepted: set[Any] = {cx.abstract_syntax for cx in assoc.accepted_contexts}
+        else:
+            accepted = {
+                (cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts
+            }
         msg_ids = itertools.cycle(range(1, 0x10000))
+        refused: list[DicomFile] = []
         done = 0
         clean = False
         try:
             with _parked_reactor(assoc) as checkpoint:
                 for f in files:
                     done += 1
-                    if (f.sop_class_uid, f.transfer_syntax_uid) not in accepted:
-                        self._no_context(f)
+                    key = (
+                        f.sop_class_uid if converting else (f.sop_class_uid, f.transfer_syntax_uid)
+                    )
+                    if key not in accepted:
+                        if self.endpoint.convert and not converting:
+                            refused.append(f)
+                        else:
+                            self._no_context(f, converting=converting)
                         continue
                     self._check_alive(assoc)
-                    self.store(assoc, checkpoint, f, next(msg_ids))
+                    payload = self._converted(f) if converting else f.path
+                    if payload is not None:
+                        self.store(assoc, checkpoint, f, payload, next(msg_ids))
             clean = True
-            log.info("sent %d file(s) to %s", len(files), self.endpoint)
-            return []
+            log.info("association with %s done: %d file(s)", self.endpoint, len(files))
+            return [], refused
         except _MessageBroken:
-            return files[done:]
+            return files[done:], refused
         finally:
             _close(assoc, release=clean, timeouts=self.timeouts)
+
+    def _converted(self, f: DicomFile) -> Dataset | None:
+        """`f` decoded and uncompressed, or None (reported) if that is not possible."""
+        try:
+            ds = dcmread(f.path)
+            syntax = ds.file_meta.TransferSyntaxUID
+            if syntax.is_compressed:
+                # Same instance, pixels decoded: lossless from what the file holds.
+                ds.decompress(generate_instance_uid=False)
+            elif syntax.is_deflated:
+                ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian  # inflated on reading
+            elif not syntax.is_little_endian:
+                raise ValueError("big endian files are not converted")
+        except Exception as exc:  # decoders raise many kinds; it is this file's failure
+            error = f"cannot convert {f.relpath} from {_name(f.transfer_syntax_uid)}: {exc}"
+            self.on_result(StoreResult(f, None, error))
+            return None
+        log.info("converted %s from %s for %s", f.relpath, _name(syntax), self.endpoint.key)
+        return ds
 
     def _check_alive(self, assoc: Association) -> None:
         """Between two requests: did the peer abort or drop the connection meanwhile?"""
@@ -687,11 +766,18 @@ class _Sender:
         if text:
             raise SendError(text, transient=True)
 
-    def store(self, assoc: Association, checkpoint: _Checkpoint, f: DicomFile, msg_id: int) -> None:
+    def store(
+        self,
+        assoc: Association,
+        checkpoint: _Checkpoint,
+        f: DicomFile,
+        payload: Path | Dataset,
+        msg_id: int,
+    ) -> None:
         checkpoint.started = False
         begun = time.monotonic()
         try:
-            rsp = assoc.send_c_store(f.path, msg_id=msg_id)
+            rsp = assoc.send_c_store(payload, msg_id=msg_id)
         except (OSError, ValueError, AttributeError, InvalidDicomError) as exc:
             # The file, not the peer: unreadable, not Part 10, or its meta disagrees with
             # what the job scan found. Report it and go on with the others.
@@ -744,7 +830,7 @@ def echo(endpoint: Endpoint, timeouts: Timeouts) -> int:
     """C-ECHO `endpoint` and return the status; SendError if there is no answer."""
     sender = _Sender(endpoint, timeouts, lambda result: None)
     try:
-        assoc = sender.associate([(Verification, "1.2.840.10008.1.2")])
+        assoc = sender.associate([(Verification, [ImplicitVRLittleEndian])])
     except _NoContext:
         raise SendError(
             f"{endpoint.key} does not accept the Verification service (C-ECHO)", transient=False

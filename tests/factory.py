@@ -123,10 +123,10 @@ def dicom_file(path: Path | str, root: Path | str | None = None) -> DicomFile:
     """Describe a file as the router does (relpath against `root`, or the file name)."""
     path = Path(path).absolute()
     meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).file_meta
-    relpath = path.relative_to(Path(root).absolute()).as_posix() if root else path.name
+    base = Path(root).absolute() if root else path.parent
     return DicomFile(
-        path=path,
-        relpath=relpath,
+        root=str(base),
+        relpath=path.relative_to(base).as_posix(),
         sop_class_uid=str(meta.MediaStorageSOPClassUID),
         sop_instance_uid=str(meta.MediaStorageSOPInstanceUID),
         transfer_syntax_uid=str(meta.TransferSyntaxUID),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import io
 import ipaddress
 import os
 import socket
@@ -381,8 +382,9 @@ def test_file_without_accepted_context_is_reported_and_others_sent(
         for i, ts in enumerate(syntaxes)
     ]
     results = Results()
+    no_convert = dataclasses.replace(server.endpoint(), convert=False)
 
-    send_files(server.endpoint(), files, FAST, results)
+    send_files(no_convert, files, FAST, results)
 
     assert [r.file for r in results] == files
     assert results.stored == [files[0].sop_instance_uid, files[2].sop_instance_uid]
@@ -392,6 +394,52 @@ def test_file_without_accepted_context_is_reported_and_others_sent(
         "no accepted presentation context for CT Image Storage in Explicit VR Little Endian"
     )
     assert server.counts == Counter(results.stored)
+
+
+def test_what_the_peer_does_not_take_as_it_is_is_converted(
+    scp: Callable[..., StorageSCP], tmp_path: Path
+) -> None:
+    server = scp(transfer_syntaxes=[ImplicitVRLittleEndian], keep_data=True)
+    syntaxes = [
+        RLELossless,
+        ImplicitVRLittleEndian,
+        ExplicitVRLittleEndian,
+        DeflatedExplicitVRLittleEndian,
+        ExplicitVRBigEndian,
+        ImplicitVRLittleEndian,
+    ]
+    files = [
+        dicom_file(write_ct(tmp_path / f"{i}.dcm", transfer_syntax=ts, rows=32), tmp_path)
+        for i, ts in enumerate(syntaxes)
+    ]
+    results = Results()
+
+    send_files(server.endpoint(), files, FAST, results)
+
+    as_is, converted = [files[1], files[5]], [files[0], files[2], files[3]]
+    big_endian = files[4]
+    # Files taken as they are go first, over the first association; then the others.
+    assert [r.file for r in results] == [*as_is, *converted, big_endian]
+    assert results.stored == uids([*as_is, *converted])
+    assert results.failed[big_endian.sop_instance_uid].error == (
+        f"cannot convert {big_endian.relpath} from Explicit VR Big Endian: "
+        "big endian files are not converted"
+    )
+    assert server.counts == Counter(uids([*as_is, *converted]))
+    assert {a.transfer_syntax for a in server.arrivals} == {ImplicitVRLittleEndian}
+    assert server.associations == 2
+    original = pydicom.dcmread(files[1].path).pixel_array
+    for f in converted:  # same instance, same pixels
+        ds = _implicit(server.data[f.sop_instance_uid])
+        assert ds.SOPInstanceUID == f.sop_instance_uid
+        assert (ds.pixel_array == original).all()
+
+
+def _implicit(data: bytes) -> pydicom.Dataset:
+    ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    return ds
 
 
 def test_no_accepted_context_at_all_reports_every_file_then_raises_permanent(
@@ -407,8 +455,21 @@ def test_no_accepted_context_at_all_reports_every_file_then_raises_permanent(
     assert "accepted none of the 1 presentation contexts" in info.value.reason
     assert "CT Image Storage" in info.value.reason
     assert [r.file for r in results] == files
-    assert all(r.status is None and "no accepted presentation context" in r.error for r in results)
-    assert server.counts == Counter()
+    assert all(
+        r.error == "no accepted presentation context for CT Image Storage in Explicit VR "
+        "Little Endian, nor in an uncompressed transfer syntax"
+        for r in results
+    )
+    assert all(r.status is None for r in results)
+    assert server.counts == Counter() and server.associations == 2
+
+    no_convert = dataclasses.replace(server.endpoint(), convert=False)
+    with pytest.raises(SendError):
+        send_files(no_convert, files, FAST, results := Results())
+    assert [r.error for r in results] == [
+        "no accepted presentation context for CT Image Storage in Explicit VR Little Endian"
+    ] * len(files)
+    assert server.associations == 3
 
 
 def test_more_than_128_context_pairs_use_one_association_per_128(
