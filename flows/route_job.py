@@ -25,8 +25,7 @@ from flows.concurrency import destination_slot, ensure_destination_limit
 from flows.config_source import resolve_config
 from router import routing_log
 from router.config import RoutingConfig, RuleSpec, SendEntry
-from router.job import Job, JobInvalid, load_job
-from router.lock import job_lock
+from router.job import Job, load_job
 from router.model import DicomFile, Endpoint
 from router.record import Record
 from router.report import Delivery, JobReport
@@ -34,12 +33,9 @@ from router.route import (
     Attempt,
     attempt_once,
     current_progress,
-    finish,
     make_error_report,
-    mark_invalid,
     missing,
-    new_report,
-    route_rules,
+    run_job,
     scan_tags,
     summarize,
 )
@@ -204,8 +200,9 @@ class FlowSteps:
         return delivery
 
 
-def _artifact_key(job: Job) -> str:
-    return "route-" + (re.sub(r"[^a-z0-9-]+", "-", job.name.lower()).strip("-") or "job")
+def _artifact_key(job_path: str) -> str:
+    name = Path(job_path).name.lower()
+    return "route-" + (re.sub(r"[^a-z0-9-]+", "-", name).strip("-") or "job")
 
 
 def _markdown(report: JobReport) -> str:
@@ -240,26 +237,17 @@ def route_job_flow(
     overrides = {"config": config, "me": me, "port": port, "log_file": log_file}
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     cfg = resolve_config(settings)
-    path = Path(job_dir).absolute()
-    if not path.is_dir():
-        raise JobInvalid(path, "not a job folder (no such directory)")
-    with routing_log.writing_to(settings.log_file), job_lock(path):
-        try:
-            job = load_job_task(path)
-        except JobInvalid as exc:
-            mark_invalid(path, exc)
-            raise
-        record = Record(job.path)
-        record.begin(forced=force, origin=origin)
-        try:
-            report = new_report(job, record, force)
-            matches = match_rules_task(cfg, job)
-            routing = route_rules(matches, FlowSteps(job, cfg, settings, record, force))
-            finish(report, record, routing)
-        finally:
-            record.close()
+    report = run_job(
+        job_dir,
+        settings,
+        force=force,
+        origin=origin,
+        load=load_job_task,
+        match=lambda job: match_rules_task(cfg, job),
+        steps_for=lambda job, record: FlowSteps(job, cfg, settings, record, force),
+    )
     create_table_artifact(
-        key=_artifact_key(job),
+        key=_artifact_key(report.job),
         table=report.rows() or [{"outcome": "no rule applied"}],
         description=_markdown(report),
     )

@@ -10,24 +10,37 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 # C-STORE statuses that count as stored (SPEC section 4).
 STORED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 
 
-@dataclass(frozen=True)
-class DicomFile:
-    """One DICOM Part 10 file of a job, with what sending and filtering need."""
+NO_VALUES: Mapping[str, str] = MappingProxyType({})
 
-    path: Path
-    """Absolute path of the file."""
+
+@dataclass(frozen=True, slots=True)
+class DicomFile:
+    """One DICOM Part 10 file of a job, with what sending and filtering need.
+
+    A job keeps one per file for its whole routing, so it is small: slots, the folder as
+    one string shared by all files of a job, and (from the scanner) shared strings for SOP
+    class and transfer syntax. Memory then stays flat from hundreds to thousands of files.
+    """
+
+    root: str
+    """The folder `relpath` is relative to: the job folder."""
     relpath: str
     """Path relative to the job folder, POSIX separators: the name used in the record."""
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax_uid: str
-    values: Mapping[str, str] = field(default_factory=dict)
+    values: Mapping[str, str] = field(default_factory=lambda: NO_VALUES)  # shared, read-only
     """Values of the tags that `which` filters ask for, keyed by 8-digit upper-case hex tag."""
+
+    @property
+    def path(self) -> Path:
+        return Path(self.root, self.relpath)
 
 
 @dataclass(frozen=True)

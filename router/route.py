@@ -311,7 +311,7 @@ def make_error_report(job: Job, settings: Settings) -> DicomFile | None:
         return None
     target = report_path(job.path)
     write_error_report(job, find_reference(job.path), target)
-    return read_header(target, target.relative_to(job.path).as_posix())
+    return read_header(str(job.path), target.relative_to(job.path).as_posix())
 
 
 # --- the plain path -------------------------------------------------------------------------
@@ -392,6 +392,39 @@ def mark_invalid(job_dir: Path, error: JobInvalid) -> None:
     routing_log.invalid(job_dir, error)
 
 
+def run_job(
+    job_dir: Path | str,
+    settings: Settings,
+    *,
+    force: bool,
+    origin: str,
+    load: Callable[[Path], Job],
+    match: Callable[[Job], Sequence[RuleMatch]],
+    steps_for: Callable[[Job, Record], Steps],
+) -> JobReport:
+    """One routing of a job: lock, load, record, rules, report; the same for every caller.
+
+    Raises JobWaiting, JobInvalid (after recording it in the job's status) or JobLocked.
+    """
+    path = Path(job_dir).absolute()
+    if not path.is_dir():
+        raise JobInvalid(path, "not a job folder (no such directory)")
+    with routing_log.writing_to(settings.log_file), job_lock(path):
+        try:
+            job = load(path)
+        except JobInvalid as exc:
+            mark_invalid(path, exc)
+            raise
+        record = Record(job.path)
+        record.begin(forced=force, origin=origin)
+        try:
+            report = new_report(job, record, force)
+            finish(report, record, route_rules(match(job), steps_for(job, record)))
+            return report
+        finally:
+            record.close()
+
+
 def route_job(
     job_dir: Path | str,
     config: RoutingConfig,
@@ -401,22 +434,13 @@ def route_job(
     origin: str = "direct",
     progress: Progress | None = None,
 ) -> JobReport:
-    """Route one job without Prefect; raises JobWaiting, JobInvalid or JobLocked."""
-    path = Path(job_dir).absolute()
-    if not path.is_dir():
-        raise JobInvalid(path, "not a job folder (no such directory)")
-    with routing_log.writing_to(settings.log_file), job_lock(path):
-        try:
-            job = load_job(path)
-        except JobInvalid as exc:
-            mark_invalid(path, exc)
-            raise
-        record = Record(job.path)
-        record.begin(forced=force, origin=origin)
-        try:
-            report = new_report(job, record, force)
-            steps = LocalSteps(job, config, settings, record, force, progress)
-            finish(report, record, route_rules(match_rules(config, job), steps))
-            return report
-        finally:
-            record.close()
+    """Route one job in this process, without Prefect."""
+    return run_job(
+        job_dir,
+        settings,
+        force=force,
+        origin=origin,
+        load=load_job,
+        match=lambda job: match_rules(config, job),
+        steps_for=lambda job, record: LocalSteps(job, config, settings, record, force, progress),
+    )

@@ -8,6 +8,7 @@ not a DICOM Part 10 file is skipped with a reason and never aborts the job.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from pydicom.tag import Tag
 from pydicom.uid import UID
 
 from router.config import tag_label
-from router.model import DicomFile
+from router.model import NO_VALUES, DicomFile
 from router.rules import fullmatch
 
 _NEEDED = ("SOPClassUID", "SOPInstanceUID")
@@ -96,13 +97,13 @@ def _text(value: object) -> str:
     return str(value)
 
 
-def read_header(path: Path, relpath: str, tags: Iterable[str] = ()) -> DicomFile:
-    """Read what routing needs from one file.
+def read_header(root: str, relpath: str, tags: Iterable[str] = ()) -> DicomFile:
+    """Read what routing needs from the file `relpath` under `root` (the job folder).
 
     Raises ValueError with the reason for a file routing cannot send; pydicom may raise
     other errors on a damaged file, which `scan` reports as unreadable.
     """
-    with path.open("rb") as fh:
+    with open(os.path.join(root, relpath), "rb") as fh:
         head = fh.read(132)
         if len(head) < 132 or head[128:132] != b"DICM":
             raise ValueError("not a DICOM file (no DICM preamble)")
@@ -126,12 +127,12 @@ def read_header(path: Path, relpath: str, tags: Iterable[str] = ()) -> DicomFile
         elem = ds.get(Tag(int(tag, 16)))
         values[tag] = "" if elem is None else _text(elem.value)
     return DicomFile(
-        path=path,
+        root=root,
         relpath=relpath,
-        sop_class_uid=str(sop_class),
+        sop_class_uid=sys.intern(str(sop_class)),
         sop_instance_uid=str(sop_instance),
-        transfer_syntax_uid=str(ts),
-        values=values,
+        transfer_syntax_uid=sys.intern(str(ts)),
+        values=values or NO_VALUES,
     )
 
 
@@ -141,6 +142,7 @@ def scan(job_dir: Path, directory: str, tags: Iterable[str] = ()) -> Scan:
     if not root.is_dir():
         return Scan(directory, (), (), note=f"{directory}/ does not exist in the job folder")
     tags = sorted(set(tags))
+    job_root = str(job_dir)  # one string shared by every file of the job
     files: list[DicomFile] = []
     skipped: list[Skipped] = []
     seen_uids: dict[str, str] = {}
@@ -150,7 +152,7 @@ def scan(job_dir: Path, directory: str, tags: Iterable[str] = ()) -> Scan:
             skipped.append(Skipped(relpath, problem))
             continue
         try:
-            dicom = read_header(path, relpath, tags)
+            dicom = read_header(job_root, relpath, tags)
         except Exception as exc:  # any unreadable file is skipped and counted, never fatal
             reason = str(exc) if isinstance(exc, ValueError) else f"unreadable: {exc}"
             skipped.append(Skipped(relpath, reason))

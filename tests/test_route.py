@@ -489,3 +489,12 @@ def dicom_study(path: Path) -> str:
     from pydicom import dcmread
 
     return str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+
+
+def test_the_routing_core_runs_without_prefect() -> None:
+    """router/ is plain Python: importing the routing path must not import Prefect."""
+    code = (
+        "import sys, router.route, router.explain, router.sweep, router.cli; "
+        "sys.exit('prefect' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
