@@ -430,6 +430,9 @@ def main() -> None:
     # Prefect's ephemeral server sends usage telemetry unless told otherwise; a router on a
     # hospital network should not try to reach the internet. A site can still opt in.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Without PREFECT_API_URL each command starts Prefect's ephemeral API server, which on
+    # a busy box can take longer than Prefect's 20 s default to come up.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     # The routing log's lines also go to the flow run's logs, for the UI.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "router")
     app()
