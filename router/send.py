@@ -816,14 +816,59 @@ def send_files(
     One presentation context per (SOP class, transfer syntax) pair, so the peer accepts the
     file's own syntax or nothing and the file can be streamed unchanged; one association per
     128 pairs, files in their given order. A refusal status is reported and sending goes
-    on. A file the peer has no context for, or that cannot be read, is reported with status
-    None and sending goes on (permanent for that file). An association that cannot be made
-    or breaks raises `SendError` after reporting the file in flight (status None); files
-    not attempted are not reported. If the peer accepted none of the contexts, every file is
-    reported and a permanent `SendError` is raised at the end.
+    on. A file the peer has no context for is converted over a second association when
+    `endpoint.convert` (decoded, in an uncompressed syntax); one that still can't go, or
+    that cannot be read, is reported with status None and sending goes on (permanent for
+    that file). An association that cannot be made or breaks raises `SendError` after
+    reporting the file in flight (status None); files not attempted are not reported. If
+    the peer accepted none of the contexts, every file is reported and a permanent
+    `SendError` is raised at the end.
+
+    `endpoint.associations` > 1 spreads the files, in consecutive runs, over that many
+    associations at once (threads: they help when the peer, not our CPU, sets the pace).
+    Each run goes on to its end whatever happens to the others; `on_result` is called from
+    one thread at a time; the first of their errors is raised when all are done.
     """
-    if files:
+    if not files:
+        return
+    count = max(1, min(endpoint.associations, len(files)))
+    if count == 1:
         _Sender(endpoint, timeouts, on_result).run(files)
+        return
+
+    lock = threading.Lock()
+
+    def report(result: StoreResult) -> None:
+        with lock:
+            on_result(result)
+
+    size, extra = divmod(len(files), count)
+    bounds = [i * size + min(i, extra) for i in range(count + 1)]
+    errors: list[BaseException | None] = [None] * count
+
+    def work(i: int) -> None:
+        try:
+            _Sender(endpoint, timeouts, report).run(files[bounds[i] : bounds[i + 1]])
+        except BaseException as exc:  # handed to the caller's thread below
+            errors[i] = exc
+
+    workers = [
+        threading.Thread(target=work, args=(i,), name=f"send {endpoint.key} #{i + 1}")
+        for i in range(count)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    failed = [exc for exc in errors if exc is not None]
+    for exc in failed:
+        if not isinstance(exc, SendError):
+            raise exc
+    if failed:
+        send_errors = [exc for exc in failed if isinstance(exc, SendError)]
+        reasons = list(dict.fromkeys(exc.reason for exc in send_errors))
+        transient = all(exc.transient for exc in send_errors)
+        raise SendError("; ".join(reasons), transient=transient) from send_errors[0]
 
 
 def echo(endpoint: Endpoint, timeouts: Timeouts) -> int:

@@ -55,8 +55,9 @@ class StorageSCP:
     - `refuse_at`: C-STORE request number -> status.
     - `abort_at`: request numbers at which the SCP aborts the association instead of
       answering (`abort_after(n)` = abort on request n + 1, after n answered stores).
-    - `stall_at`: request numbers at which the SCP keeps the instance but does not answer
-      for `stall_seconds` (released early at teardown): a lost/late response.
+    - `stall_at` / `stall_instances`: request numbers / SOPInstanceUIDs for which the SCP
+      keeps the instance but does not answer for `stall_seconds` (released early at
+      teardown): a lost or late response.
     - `delay`: seconds to wait before answering every C-STORE.
     - `reject_next(k, transient=...)`: reject the next k association requests.
     """
@@ -74,6 +75,7 @@ class StorageSCP:
     refuse_at: dict[int, int] = field(default_factory=dict)
     abort_at: set[int] = field(default_factory=set)
     stall_at: set[int] = field(default_factory=set)
+    stall_instances: set[str] = field(default_factory=set)
     stall_seconds: float = 30.0
     delay: float = 0.0
 
@@ -83,6 +85,9 @@ class StorageSCP:
     requests: int = 0
     associations: int = 0
     rejected: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+    """Most C-STOREs being handled at once (parallel associations)."""
     open_now: int = 0
     """Associations established and not yet released or aborted."""
     max_open: int = 0
@@ -184,6 +189,15 @@ class StorageSCP:
         with self._lock:
             self.requests += 1
             number = self.requests
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return self._answer(event, number)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _answer(self, event: evt.Event, number: int) -> int:
         uid = str(event.request.AffectedSOPInstanceUID)
         if self.delay:
             time.sleep(self.delay)
@@ -194,7 +208,7 @@ class StorageSCP:
         status = self.refuse_at.get(number, self.refuse_instances.get(uid, 0x0000))
         if status in STORED_STATUSES:
             self._record(event, uid)
-        if number in self.stall_at:
+        if number in self.stall_at or uid in self.stall_instances:
             log.info("test SCP: stalling on C-STORE #%d (%s)", number, uid)
             self._released.wait(self.stall_seconds)
         return status
