@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures_dcmtk",
     "tests.fixtures_orthanc",
     "tests.fixtures_harness",
+    "tests.fixtures_prefect",
 ]

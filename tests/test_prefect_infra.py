@@ -20,10 +20,7 @@ import pytest
 from router.record import read_status
 from tests.factory import dicom_file, write_job
 from tests.fixtures_dcmtk import StoreSCP
-
-# A plugin (pytest_plugins below) imported first as a module: have pytest rewrite it anyway.
-pytest.register_assert_rewrite("tests.fixtures_prefect")
-from tests.fixtures_prefect import (  # noqa: E402
+from tests.fixtures_prefect import (
     Postgres,
     PrefectServer,
     WorkPool,
@@ -33,8 +30,6 @@ from tests.fixtures_prefect import (  # noqa: E402
 )
 
 pytestmark = pytest.mark.flow
-# Until tests/conftest.py lists the plugin: its fixtures and hooks, registered on import.
-pytest_plugins = ["tests.fixtures_prefect"]
 
 FLOWS = "tests/flows_for_tests.py"
 ROUTER_ENV = {

@@ -1,0 +1,231 @@
+"""Routing as a service: a real Prefect server on PostgreSQL, real process workers.
+
+What a site relies on, end to end: a finished processing run triggers `route-job`; a job
+announced by an event is routed; a failed run retried as the UI does sends only what is
+missing; a deployed sweep fans the pending jobs out to the workers; two workers routing
+20 jobs from one folder deliver every instance exactly once, hold the per-job lock and the
+per-destination concurrency limit across workers.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+
+from router.record import RECORD, read_status
+from tests.factory import dicom_file, write_job
+from tests.fixtures_prefect import REPO_ROOT, PrefectServer, WorkPool, work_pools
+
+pytestmark = [pytest.mark.flow, pytest.mark.peers]
+
+ROUTE = "route-job/route-job"
+
+
+class Site:
+    """The folders and settings the workers of this module share."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.config = base / "routing.json"
+        self.log_file = base / "routing.log"
+
+    def env(self) -> dict[str, str]:
+        return {
+            "DICOM_ROUTER_CONFIG": str(self.config),
+            "DICOM_ROUTER_LOG_FILE": str(self.log_file),
+            "DICOM_ROUTER_RETRIES": "1",
+            "DICOM_ROUTER_RETRY_DELAY": "0.2",
+            "DICOM_ROUTER_CONNECT_TIMEOUT": "3",
+            "DICOM_ROUTER_DIMSE_TIMEOUT": "10",
+            "PREFECT_LOGGING_EXTRA_LOGGERS": "router",
+        }
+
+    def route_to(self, port: int, aet: str, **dest: Any) -> None:
+        destination = {
+            "IP": "127.0.0.1",
+            "PORT": port,
+            "AETitleSender": "ROUTER",
+            "AETitleTo": aet,
+            **dest,
+        }
+        self.config.write_text(json.dumps({"routing": [{"send": [{".*": destination}]}]}))
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Site:
+    return Site(tmp_path_factory.mktemp("site"))
+
+
+@pytest.fixture(scope="module")
+def pool(
+    prefect_server: PrefectServer, site: Site, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkPool]:
+    """Two workers on one process pool, deployed as production deploys (prefect.yaml)."""
+    with work_pools(prefect_server, tmp_path_factory) as make:
+        workers = make(2, limit=4, env=site.env())
+        prefect_server.cli("deploy", "--name", "route-job", "--pool", workers.name)
+        yield workers
+
+
+def uids(job: Path, folder: str = "OUTPUT") -> set[str]:
+    return {dicom_file(p).sop_instance_uid for p in (job / folder).rglob("*.dcm")}
+
+
+def route_runs_for(server: PrefectServer, job: Path, timeout: float, pool: WorkPool) -> Any:
+    """Wait for a `route-job` run of `job` (created by a trigger) to end; return it."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with server.client() as client:
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["route-job"]))
+            )
+        mine = [r for r in runs if r.parameters.get("job_dir") == str(job)]
+        if mine and all(r.state and r.state.is_final() for r in mine):
+            return mine
+        time.sleep(0.5)
+    raise TimeoutError(f"no finished route-job run for {job} within {timeout} s\n{pool.logs()}")
+
+
+def test_a_finished_processing_run_triggers_routing(
+    prefect_server: PrefectServer, pool: WorkPool, site: Site, storescp: Callable[..., Any]
+) -> None:
+    pacs = storescp("PACS")
+    site.route_to(pacs.port, "PACS")
+    process = pool.deploy("flows/process_example.py:process_job", "process-job")
+    job = site.base / "jobs" / "triggered-0001"
+    write_job(job, success=None, n_output=0, n_input=3)
+
+    run = prefect_server.run_deployment(process, {"job_dir": str(job)})
+    done = prefect_server.wait_for_flow_runs([run.id], timeout=120, pool=pool)[run.id]
+    assert done.state.is_completed()
+    [routed] = route_runs_for(prefect_server, job, 180, pool)
+    assert routed.state.is_completed(), routed.state.message
+    assert routed.name == "triggered-0001"
+    assert pacs.received() == {uid: 1 for uid in uids(job)}
+    assert uids(job) == uids(job, "INPUT")  # the example computation copies its input
+
+
+def test_a_job_announced_by_event_is_routed(
+    prefect_server: PrefectServer, pool: WorkPool, site: Site, storescp: Callable[..., Any]
+) -> None:
+    pacs = storescp("PACS")
+    site.route_to(pacs.port, "PACS")
+    job = site.base / "jobs" / "announced-0001"
+    write_job(job, n_output=2, n_input=0)
+    code = "import sys; from flows.notify import job_processed; job_processed(sys.argv[1])"
+    subprocess.run(
+        [sys.executable, "-c", code, str(job)],
+        cwd=REPO_ROOT,
+        env=prefect_server.env(),
+        check=True,
+        timeout=60,
+    )
+    [routed] = route_runs_for(prefect_server, job, 180, pool)
+    assert routed.state.is_completed(), routed.state.message
+    assert pacs.received() == {uid: 1 for uid in uids(job)}
+
+
+def test_a_retry_from_the_ui_sends_only_what_is_missing(
+    prefect_server: PrefectServer, pool: WorkPool, site: Site, scp: Callable[..., Any]
+) -> None:
+    pacs = scp(ae_title="PACS")
+    site.route_to(pacs.port, "PACS")
+    job = site.base / "jobs" / "retried-0001"
+    write_job(job, n_output=4, n_input=0)
+    refused = sorted(uids(job))[2]
+    pacs.refuse_instances[refused] = 0xC000
+
+    run = prefect_server.run_deployment(ROUTE, {"job_dir": str(job)})
+    first = prefect_server.wait_for_flow_runs([run.id], timeout=120, pool=pool)[run.id]
+    assert first.state.is_failed()
+    assert "0xC000" in str(first.state.message)
+    assert pacs.instances == uids(job) - {refused}
+
+    pacs.refuse_instances.clear()
+    result = prefect_server.retry_flow_run(run.id)
+    assert result.status.value == "ACCEPT", result
+    again = prefect_server.wait_for_flow_runs([run.id], timeout=120, pool=pool)[run.id]
+    assert again.state.is_completed(), again.state.message
+    assert again.run_count == 2
+    assert pacs.counts == {uid: 1 for uid in uids(job)}
+    lines = [json.loads(x) for x in (job / RECORD).read_text().splitlines()]
+    statuses = [e["status"] for e in lines if e.get("sop") == refused]
+    assert statuses == [0xC000, 0x0000]
+    assert read_status(job).state == "routed"  # type: ignore[union-attr]
+
+
+def test_two_workers_route_twenty_jobs_exactly_once(
+    prefect_server: PrefectServer, pool: WorkPool, site: Site, scp: Callable[..., Any]
+) -> None:
+    pacs = scp(ae_title="PACS", delay=0.02)
+    site.route_to(pacs.port, "PACS", max_associations=2)
+    root = site.base / "shared"
+    jobs = [root / f"job{i:02d}" for i in range(20)]
+    for job in jobs:
+        write_job(job, n_output=3, n_input=0)
+    # five jobs get a second run at the same time: the per-job lock must hold across workers
+    parameters = [{"job_dir": str(j)} for j in jobs] + [{"job_dir": str(j)} for j in jobs[:5]]
+    ids: list[UUID] = [prefect_server.run_deployment(ROUTE, p).id for p in parameters]
+    runs = prefect_server.wait_for_flow_runs(ids, timeout=420, pool=pool)
+
+    expected = set().union(*(uids(j) for j in jobs))
+    assert len(expected) == 60
+    assert pacs.counts == {uid: 1 for uid in expected}
+    assert pacs.max_open <= 2  # the destination's limit held across both workers
+    for run in runs.values():
+        ok = run.state.is_completed()
+        locked = run.state.is_failed() and "another routing of this job" in str(run.state.message)
+        assert ok or locked, (run.name, run.state.message)
+    assert all(read_status(j).state == "routed" for j in jobs)  # type: ignore[union-attr]
+    log = pool.logs()
+    assert all(w.name in log for w in pool.workers)
+
+
+def test_setup_and_a_deployed_sweep(
+    prefect_server: PrefectServer, pool: WorkPool, site: Site, scp: Callable[..., Any]
+) -> None:
+    pacs = scp(ae_title="PACS")
+    site.route_to(pacs.port, "PACS", max_associations=3)
+    env = {**prefect_server.env(), **site.env(), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    setup = subprocess.run(
+        [sys.executable, "-m", "router", "setup", "--pool", pool.name],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert setup.returncode == 0, setup.stderr
+    limit = f"dicom-router-127.0.0.1-{pacs.port}"
+    assert f"concurrency limit {limit}: 3" in setup.stdout
+    with prefect_server.client() as client:
+        assert client.read_global_concurrency_limit_by_name(limit).limit == 3
+
+    root = site.base / "sweep"
+    pending = [root / f"p{i}" for i in range(3)]
+    for job in pending:
+        write_job(job, n_output=2, n_input=0)
+    write_job(root / "waiting", success=None, n_output=1, n_input=0)
+    prefect_server.cli(
+        "deploy",
+        "--name",
+        "sweep-unrouted",
+        "--pool",
+        pool.name,
+        env={"DICOM_ROUTER_JOBS_ROOT": str(root)},
+    )
+    run = prefect_server.run_deployment("sweep-unrouted/sweep-unrouted")
+    done = prefect_server.wait_for_flow_runs([run.id], timeout=300, pool=pool)[run.id]
+    assert done.state.is_completed(), done.state.message
+    assert pacs.counts == {uid: 1 for uid in set().union(*(uids(j) for j in pending))}
+    assert read_status(root / "waiting") is None
