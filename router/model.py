@@ -99,6 +99,11 @@ class StoreResult:
     """DIMSE status of the C-STORE response; None when no response came."""
     error: str | None = None
     """Why it was not stored, in words, when it was not."""
+    converted_from: str | None = None
+    """The file's transfer syntax UID, when it was sent converted (to `converted_to`)."""
+    converted_to: str | None = None
+    permanent: bool = False
+    """Not stored for a reason that no retry changes (no context, cannot be converted)."""
 
     @property
     def stored(self) -> bool:

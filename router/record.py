@@ -143,6 +143,9 @@ class Record:
         }
         if result.error:
             entry["error"] = result.error
+        if result.converted_from:
+            entry["converted_from"] = result.converted_from
+            entry["converted_to"] = result.converted_to
         if sop in self._unanswered.get(dest, ()):
             entry["possible_duplicate"] = True
         self._write(entry)

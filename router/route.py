@@ -93,7 +93,8 @@ class Attempt:
         if self.error is not None:
             return self.error.transient
         return all(
-            r.status is None or status_is_transient(r.status) for r in self.failures.values()
+            not r.permanent and (r.status is None or status_is_transient(r.status))
+            for r in self.failures.values()
         )
 
     def reason(self) -> str | None:

@@ -40,7 +40,17 @@ import pynetdicom._config
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    JPEG2000MC,
+    UID,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSNearLossless,
+)
 from pynetdicom import AE, build_context, evt
 from pynetdicom._handlers import (
     standard_dimse_recv_handler,
@@ -102,6 +112,28 @@ presentation context ID, message control header (PS3.8 9.3.5, E.2)."""
 
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 """What a file the peer takes in no proposed context is converted to (the peer picks)."""
+
+_JPEG, _JPEG_LS, _J2K, _HTJ2K, _JXL = (
+    "ISO_10918_1",
+    "ISO_14495_1",
+    "ISO_15444_1",
+    "ISO_15444_15",
+    "ISO_18181_1",
+)
+_LOSSY = {
+    JPEGBaseline8Bit: _JPEG,
+    JPEGExtended12Bit: _JPEG,
+    "1.2.840.10008.1.2.4.111": _JXL,  # JPEG XL JPEG Recompression: a lossy JPEG inside
+}
+"""Syntaxes whose pixel data is always lossy, with the LossyImageCompressionMethod term."""
+_MAYBE_LOSSY = {
+    JPEGLSNearLossless: _JPEG_LS,
+    JPEG2000: _J2K,
+    JPEG2000MC: _J2K,
+    HTJ2K: _HTJ2K,
+    "1.2.840.10008.1.2.4.112": _JXL,  # JPEG XL
+}
+"""Syntaxes that may be lossy or not: lossy unless the file says LossyImageCompression 00."""
 
 _READY_WAIT = 0.001
 """Longest the DUL thread blocks waiting for data while parked (see `ready`)."""
@@ -502,6 +534,20 @@ def _name(uid: str) -> str:
     return UID(uid).name
 
 
+def _mark_lossy(ds: Dataset, syntax: str, stated: str | None) -> None:
+    """Keep a decoded lossy image marked lossy: LossyImageCompression 01 and its method.
+
+    `stated` is what the file said before decoding. A syntax that may be lossless counts
+    as lossy unless the file says 00.
+    """
+    method = _LOSSY.get(syntax) or (_MAYBE_LOSSY.get(syntax) if stated != "00" else None)
+    if method is None:
+        return
+    ds.LossyImageCompression = "01"
+    if "LossyImageCompressionMethod" not in ds:
+        ds.LossyImageCompressionMethod = method
+
+
 def _status_text(status: int, rsp: Dataset) -> str:
     category = code_to_category(status)
     meaning = STORAGE_SERVICE_CLASS_STATUS.get(status, (category, ""))[1]
@@ -514,6 +560,16 @@ def _status_text(status: int, rsp: Dataset) -> str:
     return f"{text}; peer says: {comment}" if comment else text
 
 
+_TLS_HINTS = {
+    "CERTIFICATE_REQUIRED": " (the peer requires a client certificate: set tls cert and key)",
+    "UNKNOWN_CA": " (the peer does not trust the CA of our certificate)",
+    "BAD_CERTIFICATE": " (the peer refused our certificate)",
+    "CERTIFICATE_EXPIRED": " (the peer says our certificate has expired)",
+    "WRONG_VERSION_NUMBER": " (is it a TLS port? the peer did not answer in TLS)",
+}
+"""OpenSSL reasons for a failed handshake, in the words of the destination's `tls` set-up."""
+
+
 def _connect_failure(
     endpoint: Endpoint, exc: OSError | None, timeouts: Timeouts
 ) -> tuple[str, bool]:
@@ -522,7 +578,9 @@ def _connect_failure(
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"TLS: the certificate of {where} is not trusted: {exc.verify_message}", False
     if isinstance(exc, ssl.SSLError):
-        return f"TLS handshake with {where} failed: {exc.reason or exc}", False
+        reason = str(exc.reason or exc)
+        hint = next((text for key, text in _TLS_HINTS.items() if key in reason), "")
+        return f"TLS handshake with {where} failed: {reason}{hint}", False
     if isinstance(exc, ConnectionRefusedError):
         return f"connection refused by {where}", True
     if isinstance(exc, ConnectionResetError):
@@ -692,7 +750,7 @@ class _Sender:
         )
         if converting:
             error += ", nor in an uncompressed transfer syntax"
-        self.on_result(StoreResult(f, None, error))
+        self.on_result(StoreResult(f, None, error, permanent=True))
 
     def send_on(
         self, assoc: Association, files: list[DicomFile], *, converting: bool = False
@@ -703,11 +761,13 @@ class _Sender:
         new association) and those the peer has no context for, if they are to be
         converted (otherwise they are reported here).
         """
-        if converting:
-            accepted: set[Any] = {cx.abstract_syntax for cx in assoc.accepted_contexts}
+        accepted: dict[Any, str]  # what a file needs -> the syntax it is sent in
+        if converting:  # SOP class -> the uncompressed syntax the peer chose for it
+            accepted = {cx.abstract_syntax: cx.transfer_syntax[0] for cx in assoc.accepted_contexts}
         else:
             accepted = {
-                (cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts
+                (cx.abstract_syntax, cx.transfer_syntax[0]): cx.transfer_syntax[0]
+                for cx in assoc.accepted_contexts
             }
         msg_ids = itertools.cycle(range(1, 0x10000))
         refused: list[DicomFile] = []
@@ -729,7 +789,8 @@ class _Sender:
                     self._check_alive(assoc)
                     payload = self._converted(f) if converting else f.path
                     if payload is not None:
-                        self.store(assoc, checkpoint, f, payload, next(msg_ids))
+                        to = accepted[key] if converting else None
+                        self.store(assoc, checkpoint, f, payload, next(msg_ids), to)
             clean = True
             log.info("association with %s done: %d file(s)", self.endpoint, len(files))
             return [], refused
@@ -739,20 +800,27 @@ class _Sender:
             _close(assoc, release=clean, timeouts=self.timeouts)
 
     def _converted(self, f: DicomFile) -> Dataset | None:
-        """`f` decoded and uncompressed, or None (reported) if that is not possible."""
+        """`f` decoded and uncompressed, or None (reported) if that is not possible.
+
+        Decoding adds no loss; pixels that were lossy-compressed stay marked as such
+        (LossyImageCompression 01, PS3.3 C.7.6.1.1.5), as the standard requires of any
+        copy. Nothing is ever encoded in a lossy syntax.
+        """
         try:
             ds = dcmread(f.path)
             syntax = ds.file_meta.TransferSyntaxUID
             if syntax.is_compressed:
                 # Same instance, pixels decoded: lossless from what the file holds.
+                lossy = ds.get("LossyImageCompression")
                 ds.decompress(generate_instance_uid=False)
+                _mark_lossy(ds, syntax, lossy)
             elif syntax.is_deflated:
                 ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian  # inflated on reading
             elif not syntax.is_little_endian:
                 raise ValueError("big endian files are not converted")
         except Exception as exc:  # decoders raise many kinds; it is this file's failure
             error = f"cannot convert {f.relpath} from {_name(f.transfer_syntax_uid)}: {exc}"
-            self.on_result(StoreResult(f, None, error))
+            self.on_result(StoreResult(f, None, error, permanent=True))
             return None
         log.info("converted %s from %s for %s", f.relpath, _name(syntax), self.endpoint.key)
         return ds
@@ -773,7 +841,9 @@ class _Sender:
         f: DicomFile,
         payload: Path | Dataset,
         msg_id: int,
+        converted_to: str | None = None,
     ) -> None:
+        """C-STORE one file (`payload`: its path, or the converted data set) and report."""
         checkpoint.started = False
         begun = time.monotonic()
         try:
@@ -790,10 +860,9 @@ class _Sender:
             self.on_result(StoreResult(f, None, reason))
             raise SendError(reason, transient=True)
         status = int(rsp.Status)
-        if status in STORED_STATUSES:
-            self.on_result(StoreResult(f, status))
-        else:
-            self.on_result(StoreResult(f, status, _status_text(status, rsp)))
+        error = None if status in STORED_STATUSES else _status_text(status, rsp)
+        converted_from = f.transfer_syntax_uid if converted_to else None
+        self.on_result(StoreResult(f, status, error, converted_from, converted_to))
 
     def _no_response(self, assoc: Association, waited: float, op: str) -> str:
         ep, dimse = self.endpoint, self.timeouts.dimse

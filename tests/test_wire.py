@@ -1,0 +1,505 @@
+"""Hard cases on the wire, routed end to end (`route_job`) against real peers on 127.0.0.1.
+
+Transfer syntaxes: a PACS that takes only uncompressed data gets compressed files decoded
+(losslessly from what the file holds, lossy ones still marked lossy), a PACS that takes
+them as they are gets them unchanged, and a file that cannot be decoded here fails alone,
+with the reason. DICOM TLS: dcmtk's storescp with certificates made by the test.
+The compressed files are pydicom's own test files and one made by dcmtk's JPEG encoder.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import subprocess
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    JPEG2000,
+    MPEG4HP41,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
+
+from router.config import RoutingConfig, parse_config
+from router.record import RECORD
+from router.report import JobReport
+from router.route import route_job
+from router.settings import Settings
+from tests.factory import write_ct, write_job
+from tests.fixtures_dcmtk import StoreSCP
+from tests.fixtures_orthanc import Orthanc
+
+pytestmark = pytest.mark.peers
+
+DCMCJPEG = "/usr/bin/dcmcjpeg"
+UNCOMPRESSED = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
+
+# storescp's association profile (-xf FILE PROFILE): the image classes of these tests, and
+# the two little endian uncompressed syntaxes, nothing else: a PACS without codecs.
+UNCOMPRESSED_ONLY = """\
+[[TransferSyntaxes]]
+[LittleEndian]
+TransferSyntax1 = LocalEndianExplicit
+TransferSyntax2 = LittleEndianImplicit
+
+[[PresentationContexts]]
+[Uncompressed]
+PresentationContext1 = VerificationSOPClass\\LittleEndian
+PresentationContext2 = SecondaryCaptureImageStorage\\LittleEndian
+PresentationContext3 = MRImageStorage\\LittleEndian
+PresentationContext4 = CTImageStorage\\LittleEndian
+PresentationContext5 = VideoEndoscopicImageStorage\\LittleEndian
+
+[[Profiles]]
+[Uncompressed]
+PresentationContexts = Uncompressed
+"""
+
+
+def settings(tmp_path: Path) -> Settings:
+    """Short time-outs; retries on, so a test shows that permanent failures skip them."""
+    return Settings(
+        me="127.0.0.1",
+        port=104,
+        log_file=tmp_path / "routing.log",
+        retries=2,
+        retry_delay=0.05,
+        connect_timeout=2,
+        acse_timeout=5,
+        dimse_timeout=10,
+        network_timeout=10,
+    )
+
+
+def rules(port: int, aet: str, **extensions: Any) -> RoutingConfig:
+    destination = {"IP": "127.0.0.1", "PORT": port, "AETitleSender": "ROUTER", "AETitleTo": aet}
+    return parse_config({"routing": [{"send": [{"success": destination | extensions}]}]})
+
+
+def stores(job: Path) -> dict[str, dict[str, Any]]:
+    """File (relative path) -> its last store line in the job's record."""
+    lines = [json.loads(line) for line in (job / RECORD).read_text().splitlines() if line]
+    return {e["file"]: e for e in lines if e["event"] == "store"}
+
+
+def delivery(report: JobReport) -> Any:
+    (entry,) = report.rules[0].entries
+    assert entry.delivery is not None
+    return entry.delivery
+
+
+def make_job(tmp_path: Path, name: str = "job") -> Path:
+    """A finished job with empty folders; tests put their files in OUTPUT/."""
+    job = tmp_path / name
+    write_job(job, n_output=0, n_input=0)
+    return job
+
+
+def place(source: Path | str, target: Path, **changes: Any) -> Path:
+    """Copy a DICOM file as a new instance (own SOPInstanceUID), data elements changed by
+    keyword (None deletes), pixel data and transfer syntax as they were. Patient, study and
+    series are filled in where missing (Orthanc refuses instances without them)."""
+    ds = pydicom.dcmread(source)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.PatientID = ds.get("PatientID") or "WIRE"
+    ds.StudyInstanceUID = ds.get("StudyInstanceUID") or generate_uid()
+    ds.SeriesInstanceUID = ds.get("SeriesInstanceUID") or generate_uid()
+    for keyword, value in changes.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(target, enforce_file_format=True)
+    return target
+
+
+def jpeg_lossless(target: Path) -> Path:
+    """MR_small encoded JPEG Lossless (Process 14, SV1) by dcmtk: pydicom ships none."""
+    source = place(get_testdata_file("MR_small.dcm"), target.with_suffix(".raw.dcm"))
+    subprocess.run([DCMCJPEG, "+e1", str(source), str(target)], check=True, timeout=30)
+    source.unlink()
+    return target
+
+
+def video(target: Path) -> Path:
+    """A one-frame MPEG-4 AVC/H.264 file: a real syntax that no pydicom plugin decodes."""
+    ds = pydicom.dcmread(write_ct(target.with_suffix(".raw.dcm"), rows=8, cols=8))
+    target.with_suffix(".raw.dcm").unlink()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.1.1"
+    ds.file_meta.TransferSyntaxUID = MPEG4HP41
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.NumberOfFrames = 1
+    ds.PixelData = encapsulate([b"\x00\x00\x00\x01\x67\x64\x00\x29" * 4])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(target, enforce_file_format=True)
+    return target
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A file the job holds, and what a peer without codecs must get from it."""
+
+    name: str
+    lossy: bool
+    """Its pixels went through lossy compression: the decoded copy must say so."""
+    path: Path
+
+    @property
+    def syntax(self) -> str:
+        return str(pydicom.dcmread(self.path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+
+    def pixels(self) -> np.ndarray:
+        return pydicom.dcmread(self.path).pixel_array
+
+
+def compressed_job(tmp_path: Path) -> tuple[Path, list[Sample]]:
+    """A job with one file in each compressed syntax there is a decoder for, and two not
+    compressed (sent as they are)."""
+    job = make_job(tmp_path)
+    out = job / "OUTPUT"
+    testdata: list[tuple[str, str, bool, dict[str, Any]]] = [
+        ("j2k.dcm", "JPEG2000.dcm", True, {}),  # says LossyImageCompression 01
+        ("j2k-lossless.dcm", "MR_small_jp2klossless.dcm", False, {}),
+        ("jpeg-extended.dcm", "JPGExtended.dcm", True, {}),
+        # Baseline JPEG, YBR_FULL colour, with no LossyImageCompression: added on decoding.
+        ("jpeg-baseline.dcm", "SC_rgb_jpeg_dcmtk.dcm", True, {"LossyImageCompression": None}),
+        ("rle.dcm", "MR_small_RLE.dcm", False, {}),
+        ("rle-rgb.dcm", "SC_rgb_rle.dcm", False, {}),
+        ("jpeg-ls.dcm", "MR_small_jpeg_ls_lossless.dcm", False, {}),
+        ("jpeg-ls-near.dcm", "JPEGLSNearLossless_16.dcm", True, {}),  # says nothing
+        ("deflated.dcm", "image_dfl.dcm", False, {}),
+        ("explicit.dcm", "MR_small.dcm", False, {}),
+        ("implicit.dcm", "MR_small_implicit.dcm", False, {}),
+    ]
+    samples = [
+        Sample(name, lossy, place(get_testdata_file(source), out / name, **changes))
+        for name, source, lossy, changes in testdata
+    ]
+    samples.append(Sample("jpeg-lossless.dcm", False, jpeg_lossless(out / "jpeg-lossless.dcm")))
+    return job, samples
+
+
+@pytest.fixture
+def uncompressed_pacs(storescp: Callable[..., StoreSCP], tmp_path: Path) -> StoreSCP:
+    """dcmtk's storescp taking Explicit and Implicit VR Little Endian only."""
+    profile = tmp_path / "uncompressed-only.cfg"
+    profile.write_text(UNCOMPRESSED_ONLY)
+    return storescp("PACS", "-xf", str(profile), "Uncompressed")
+
+
+def received(scp: StoreSCP) -> dict[str, Dataset]:
+    """SOPInstanceUID -> the data set storescp wrote (each arrived once, asserted)."""
+    counts = scp.received()
+    assert set(counts.values()) <= {1}, f"received twice: {counts}"
+    return {str(ds.SOPInstanceUID): ds for ds in map(pydicom.dcmread, scp.files())}
+
+
+def uid(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+# -- transfer syntaxes ------------------------------------------------------------------------
+
+
+def test_compressed_files_are_decoded_for_a_pacs_without_codecs(
+    tmp_path: Path, uncompressed_pacs: StoreSCP
+) -> None:
+    """Every compressed file arrives once, uncompressed, with the same pixels; lossy ones
+    stay marked lossy; the record says from which syntax to which each was converted."""
+    job, samples = compressed_job(tmp_path)
+
+    report = route_job(job, rules(uncompressed_pacs.port, "PACS"), settings(tmp_path))
+
+    assert report.state == "routed", report.reason()
+    assert delivery(report).stored == len(samples)
+    arrived = received(uncompressed_pacs)
+    assert set(arrived) == {uid(s.path) for s in samples}
+    record = stores(job)
+    for s in samples:
+        got = arrived[uid(s.path)]
+        sent_in = str(got.file_meta.TransferSyntaxUID)
+        assert sent_in in UNCOMPRESSED, s.name
+        assert np.array_equal(got.pixel_array, s.pixels()), s.name
+        assert (got.get("LossyImageCompression") == "01") == s.lossy, s.name
+        line = record[f"OUTPUT/{s.name}"]
+        assert line["stored"] and line["status"] == 0
+        if s.syntax in UNCOMPRESSED:  # sent as it is, byte for byte
+            assert "converted_from" not in line, s.name
+            assert sent_in == s.syntax
+        else:
+            assert (line["converted_from"], line["converted_to"]) == (s.syntax, sent_in), s.name
+    baseline = arrived[uid(samples[3].path)]
+    assert baseline.LossyImageCompressionMethod == "ISO_10918_1"
+    assert baseline.PhotometricInterpretation == "RGB"  # decoded from YBR_FULL
+
+
+def test_a_pacs_that_takes_compressed_data_gets_the_files_unchanged(
+    tmp_path: Path, orthanc_clean: Orthanc
+) -> None:
+    """Orthanc accepts every syntax: nothing is converted, each is stored as it was."""
+    job, samples = compressed_job(tmp_path)
+
+    report = route_job(job, rules(orthanc_clean.port, orthanc_clean.aet), settings(tmp_path))
+
+    assert report.state == "routed", report.reason()
+    metadata = orthanc_clean.metadata()
+    assert {u: meta["TransferSyntax"] for u, meta in metadata.items()} == {
+        uid(s.path): s.syntax for s in samples
+    }
+    assert not [line for line in stores(job).values() if "converted_from" in line]
+
+
+def test_an_undecodable_file_fails_alone_with_its_reason(
+    tmp_path: Path, uncompressed_pacs: StoreSCP
+) -> None:
+    """MPEG-4 video to a PACS without codecs: no decoder here, so that instance fails at
+    once (no retry can help), the others are stored, and the entry and job fail."""
+    job = make_job(tmp_path)
+    video(job / "OUTPUT" / "clip.dcm")
+    others = [
+        place(get_testdata_file("JPEG2000.dcm"), job / "OUTPUT" / "j2k.dcm"),
+        place(get_testdata_file("MR_small.dcm"), job / "OUTPUT" / "mr.dcm"),
+    ]
+
+    report = route_job(job, rules(uncompressed_pacs.port, "PACS"), settings(tmp_path))
+
+    assert report.state == "failed"
+    sent = delivery(report)
+    assert (sent.stored, sent.failed, sent.attempts, sent.transient) == (2, 1, 1, False)
+    reason = (
+        "cannot convert OUTPUT/clip.dcm from MPEG-4 AVC/H.264 High Profile / Level 4.1: "
+        "No pixel data decoders have been implemented for "
+        "'MPEG-4 AVC/H.264 High Profile / Level 4.1'"
+    )
+    assert sent.failures == [{"file": "OUTPUT/clip.dcm", "status": None, "reason": reason}]
+    assert report.rules[0].entries[0].state == "failed"
+    assert set(received(uncompressed_pacs)) == {uid(p) for p in others}
+    line = stores(job)["OUTPUT/clip.dcm"]
+    assert (line["stored"], line["error"]) == (False, reason)
+
+
+def test_with_convert_off_a_compressed_file_fails_without_retries(
+    tmp_path: Path, uncompressed_pacs: StoreSCP
+) -> None:
+    """`convert: false`: what the PACS does not take as it is fails, permanently."""
+    job = make_job(tmp_path)
+    j2k = place(get_testdata_file("JPEG2000.dcm"), job / "OUTPUT" / "j2k.dcm")
+    mr = place(get_testdata_file("MR_small.dcm"), job / "OUTPUT" / "mr.dcm")
+
+    config = rules(uncompressed_pacs.port, "PACS", convert=False)
+    report = route_job(job, config, settings(tmp_path))
+
+    assert report.state == "failed"
+    sent = delivery(report)
+    assert (sent.stored, sent.failed, sent.attempts) == (1, 1, 1)
+    assert sent.failures[0]["reason"] == (
+        "no accepted presentation context for Secondary Capture Image Storage "
+        "in JPEG 2000 Image Compression"
+    )
+    assert set(received(uncompressed_pacs)) == {uid(mr)}
+    assert stores(job)["OUTPUT/j2k.dcm"]["stored"] is False and j2k.exists()
+
+
+def test_converting_never_changes_the_job_files(
+    tmp_path: Path, uncompressed_pacs: StoreSCP
+) -> None:
+    job, samples = compressed_job(tmp_path)
+    before = {s.path: s.path.read_bytes() for s in samples}
+
+    route_job(job, rules(uncompressed_pacs.port, "PACS"), settings(tmp_path))
+
+    assert {p: p.read_bytes() for p in before} == before
+
+
+# -- DICOM TLS --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    other_ca: Path
+    """A CA that signed nothing of the server's: trusting it alone must fail."""
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """Throw-away CAs, a server certificate for 127.0.0.1 (IP SAN) and a client one."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    folder = tmp_path_factory.mktemp("pki")
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def issue(cn: str, issuer: tuple[Any, Any] | None, *extensions: Any) -> tuple[Any, Any]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer[0].subject if issuer else subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), True)
+        )
+        for extension in extensions:
+            builder = builder.add_extension(extension, False)
+        return builder.sign(issuer[1] if issuer else key, hashes.SHA256()), key
+
+    def save(stem: str, cert: Any, key: Any) -> tuple[Path, Path]:
+        cert_path, key_path = folder / f"{stem}.pem", folder / f"{stem}.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        return cert_path, key_path
+
+    ca = issue("dicom-router test CA", None)
+    other = issue("some other CA", None)
+    san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    server_usage = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])
+    client_usage = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])
+    server = issue("127.0.0.1", ca, san, server_usage)
+    client = issue("ROUTER", ca, client_usage)
+    return Pki(
+        save("ca", *ca)[0],
+        save("other-ca", *other)[0],
+        *save("server", *server),
+        *save("client", *client),
+    )
+
+
+def tls_pacs(storescp: Callable[..., StoreSCP], pki: Pki, *, client_cert: bool) -> StoreSCP:
+    """storescp over TLS (BCP 195 profile, its default); `client_cert`: requires ours."""
+    peer = "--require-peer-cert" if client_cert else "--ignore-peer-cert"
+    args = ["+tls", str(pki.server_key), str(pki.server_cert), "+cf", str(pki.ca), peer]
+    return storescp("SECURE", *args)
+
+
+def tls(**options: Any) -> dict[str, Any]:
+    return {key: str(value) if isinstance(value, Path) else value for key, value in options.items()}
+
+
+def test_tls_to_a_verified_server(
+    tmp_path: Path, storescp: Callable[..., StoreSCP], pki: Pki
+) -> None:
+    pacs = tls_pacs(storescp, pki, client_cert=False)
+    job = make_job(tmp_path)
+    files = [write_ct(job / "OUTPUT" / f"ct{i}.dcm", rows=64, cols=64) for i in range(3)]
+
+    config = rules(pacs.port, "SECURE", tls=tls(ca=pki.ca, verify=True))
+    report = route_job(job, config, settings(tmp_path))
+
+    assert report.state == "routed", report.reason()
+    assert pacs.received() == Counter({uid(p): 1 for p in files})
+    for path in files:  # byte for byte what the job holds, data set included
+        (got,) = [f for f in pacs.files() if uid(f) == uid(path)]
+        assert pydicom.dcmread(got).PixelData == pydicom.dcmread(path).PixelData
+
+
+def test_tls_server_signed_by_another_ca_fails_at_once(
+    tmp_path: Path, storescp: Callable[..., StoreSCP], pki: Pki
+) -> None:
+    """An untrusted certificate is permanent: no retries, a reason that says so."""
+    pacs = tls_pacs(storescp, pki, client_cert=False)
+    job = make_job(tmp_path)
+    write_ct(job / "OUTPUT" / "ct.dcm")
+
+    config = rules(pacs.port, "SECURE", tls=tls(ca=pki.other_ca))
+    report = route_job(job, config, settings(tmp_path))
+
+    assert report.state == "failed"
+    sent = delivery(report)
+    assert (sent.attempts, sent.transient, sent.stored) == (1, False, 0)
+    assert sent.error.startswith(
+        f"TLS: the certificate of 127.0.0.1:{pacs.port} is not trusted: "
+    ), sent.error
+    assert pacs.received() == Counter()
+
+
+def test_tls_without_verification_still_encrypts_and_arrives(
+    tmp_path: Path, storescp: Callable[..., StoreSCP], pki: Pki
+) -> None:
+    """`verify: false` (a self-signed PACS, say): any certificate is taken."""
+    pacs = tls_pacs(storescp, pki, client_cert=False)
+    job = make_job(tmp_path)
+    path = write_ct(job / "OUTPUT" / "ct.dcm")
+
+    config = rules(pacs.port, "SECURE", tls=tls(ca=pki.other_ca, verify=False))
+    report = route_job(job, config, settings(tmp_path))
+
+    assert report.state == "routed", report.reason()
+    assert pacs.received() == Counter({uid(path): 1})
+
+
+def test_tls_server_that_requires_our_certificate(
+    tmp_path: Path, storescp: Callable[..., StoreSCP], pki: Pki
+) -> None:
+    """With `cert`/`key` the files arrive; without, the handshake fails, permanently."""
+    pacs = tls_pacs(storescp, pki, client_cert=True)
+    with_cert = make_job(tmp_path, "with-cert")
+    path = write_ct(with_cert / "OUTPUT" / "ct.dcm")
+    ours = tls(ca=pki.ca, cert=pki.client_cert, key=pki.client_key)
+
+    report = route_job(with_cert, rules(pacs.port, "SECURE", tls=ours), settings(tmp_path))
+
+    assert report.state == "routed", report.reason()
+    assert pacs.received() == Counter({uid(path): 1})
+
+    without = make_job(tmp_path, "without-cert")
+    write_ct(without / "OUTPUT" / "ct.dcm")
+    config = rules(pacs.port, "SECURE", tls=tls(ca=pki.ca))
+    report = route_job(without, config, settings(tmp_path))
+
+    assert report.state == "failed"
+    sent = delivery(report)
+    assert (sent.attempts, sent.transient, sent.stored) == (1, False, 0)
+    assert sent.error.startswith(f"TLS handshake with 127.0.0.1:{pacs.port} failed: "), sent.error
+    assert "the peer requires a client certificate" in sent.error
+    assert pacs.received() == Counter({uid(path): 1})
+
+
+def test_tls_and_conversion_together(
+    tmp_path: Path, storescp: Callable[..., StoreSCP], pki: Pki
+) -> None:
+    """A PACS without codecs behind TLS: the converted data set goes over TLS too."""
+    profile = tmp_path / "uncompressed-only.cfg"
+    profile.write_text(UNCOMPRESSED_ONLY)
+    args = ["+tls", str(pki.server_key), str(pki.server_cert), "--ignore-peer-cert"]
+    pacs = storescp("SECURE", *args, "-xf", str(profile), "Uncompressed")
+    job = make_job(tmp_path)
+    j2k = place(get_testdata_file("JPEG2000.dcm"), job / "OUTPUT" / "j2k.dcm")
+
+    config = rules(pacs.port, "SECURE", tls=tls(ca=pki.ca))
+    report = route_job(job, config, settings(tmp_path))
+
+    assert report.state == "routed", report.reason()
+    got = received(pacs)[uid(j2k)]
+    assert got.file_meta.TransferSyntaxUID in UNCOMPRESSED
+    assert np.array_equal(got.pixel_array, pydicom.dcmread(j2k).pixel_array)
+    assert stores(job)["OUTPUT/j2k.dcm"]["converted_from"] == JPEG2000
