@@ -247,6 +247,38 @@ def test_compressed_files_are_decoded_for_a_pacs_without_codecs(
     assert baseline.PhotometricInterpretation == "RGB"  # decoded from YBR_FULL
 
 
+def test_explicit_vr_files_go_implicit_to_a_pacs_that_takes_only_implicit(
+    tmp_path: Path, storescp: Callable[..., StoreSCP]
+) -> None:
+    """storescp +xi: explicit VR (and compressed) files are re-encoded implicit VR."""
+    pacs = storescp("IMPLICIT", "+xi")
+    job = make_job(tmp_path)
+    files = {
+        "explicit.dcm": place(get_testdata_file("CT_small.dcm"), job / "OUTPUT" / "explicit.dcm"),
+        "implicit.dcm": place(
+            get_testdata_file("MR_small_implicit.dcm"), job / "OUTPUT" / "implicit.dcm"
+        ),
+        "rle.dcm": place(get_testdata_file("MR_small_RLE.dcm"), job / "OUTPUT" / "rle.dcm"),
+    }
+
+    report = route_job(job, rules(pacs.port, "IMPLICIT"), settings(tmp_path))
+
+    assert report.state == "routed", report.reason()
+    arrived = received(pacs)
+    record = stores(job)
+    for name, path in files.items():
+        got = arrived[uid(path)]
+        assert got.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian, name
+        original = pydicom.dcmread(path)
+        assert np.array_equal(got.pixel_array, original.pixel_array), name
+        assert got.PatientName == original.PatientName, name
+    assert "converted_from" not in record["OUTPUT/implicit.dcm"]
+    assert record["OUTPUT/explicit.dcm"]["converted_from"] == ExplicitVRLittleEndian
+    assert {record[f"OUTPUT/{n}"].get("converted_to") for n in ("explicit.dcm", "rle.dcm")} == {
+        ImplicitVRLittleEndian
+    }
+
+
 def test_a_pacs_that_takes_compressed_data_gets_the_files_unchanged(
     tmp_path: Path, orthanc_clean: Orthanc
 ) -> None:
