@@ -11,6 +11,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -123,35 +125,26 @@ def route(
     raise typer.Exit(code)
 
 
-def _progress_display() -> Any:
+@contextmanager
+def _progress_display() -> Iterator[None]:
     """A progress bar per destination on a terminal; nothing when output is piped."""
-    from contextlib import nullcontext
-
     from router.route import reporting_progress
 
     if not sys.stderr.isatty():
-        return nullcontext()
+        yield
+        return
     from rich.progress import Progress
 
     bars: dict[str, Any] = {}
-    progress = Progress(transient=True)
+    with Progress(transient=True) as progress:
 
-    def update(dest: str, done: int, total: int) -> None:
-        if dest not in bars:
-            bars[dest] = progress.add_task(f"→ {dest}", total=total)
-        progress.update(bars[dest], completed=done, total=total)
+        def update(dest: str, done: int, total: int) -> None:
+            if dest not in bars:
+                bars[dest] = progress.add_task(f"→ {dest}", total=total)
+            progress.update(bars[dest], completed=done, total=total)
 
-    class _Both:
-        def __enter__(self) -> None:
-            progress.__enter__()
-            self._ctx = reporting_progress(update)
-            self._ctx.__enter__()
-
-        def __exit__(self, *exc: object) -> None:
-            self._ctx.__exit__(*exc)
-            progress.__exit__(*exc)
-
-    return _Both()
+        with reporting_progress(update):
+            yield
 
 
 def _print_report(report: dict[str, Any]) -> None:
