@@ -893,51 +893,21 @@ def send_files(
     the peer accepted none of the contexts, every file is reported and a permanent
     `SendError` is raised at the end.
 
-    `endpoint.associations` > 1 spreads the files, in consecutive runs, over that many
-    associations at once (threads: they help when the peer, not our CPU, sets the pace).
-    Each run goes on to its end whatever happens to the others; `on_result` is called from
-    one thread at a time; the first of their errors is raised when all are done.
+    `endpoint.associations` > 1 spreads the files, in consecutive runs, over up to that
+    many associations at once, each in a process of its own (threads gain nothing: the
+    GIL), when the job is big enough for that to pay (`router.parallel`). Each run goes on
+    to its end whatever happens to the others; `on_result` is called in this thread, one
+    answer at a time; the errors are raised together once all runs are done.
     """
     if not files:
         return
-    count = max(1, min(endpoint.associations, len(files)))
+    from router import parallel  # here: it imports this module (its children need _Sender)
+
+    count = parallel.associations_for(endpoint, files)
     if count == 1:
         _Sender(endpoint, timeouts, on_result).run(files)
-        return
-
-    lock = threading.Lock()
-
-    def report(result: StoreResult) -> None:
-        with lock:
-            on_result(result)
-
-    size, extra = divmod(len(files), count)
-    bounds = [i * size + min(i, extra) for i in range(count + 1)]
-    errors: list[BaseException | None] = [None] * count
-
-    def work(i: int) -> None:
-        try:
-            _Sender(endpoint, timeouts, report).run(files[bounds[i] : bounds[i + 1]])
-        except BaseException as exc:  # handed to the caller's thread below
-            errors[i] = exc
-
-    workers = [
-        threading.Thread(target=work, args=(i,), name=f"send {endpoint.key} #{i + 1}")
-        for i in range(count)
-    ]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    failed = [exc for exc in errors if exc is not None]
-    for exc in failed:
-        if not isinstance(exc, SendError):
-            raise exc
-    if failed:
-        send_errors = [exc for exc in failed if isinstance(exc, SendError)]
-        reasons = list(dict.fromkeys(exc.reason for exc in send_errors))
-        transient = all(exc.transient for exc in send_errors)
-        raise SendError("; ".join(reasons), transient=transient) from send_errors[0]
+    else:
+        parallel.send_parallel(endpoint, files, timeouts, on_result, count)
 
 
 def echo(endpoint: Endpoint, timeouts: Timeouts) -> int:

@@ -538,59 +538,6 @@ def test_failures_leave_no_threads_behind(server: StorageSCP, files: list[DicomF
     assert our_threads() == []
 
 
-def test_parallel_associations_share_the_files(
-    server: StorageSCP, make_files: Callable[..., list[DicomFile]]
-) -> None:
-    files = make_files(12)
-    server.delay = 0.1  # a peer that sets the pace: associations overlap
-    calls: list[str] = []
-    in_callback = threading.Lock()
-
-    def on_result(result: StoreResult) -> None:
-        assert in_callback.acquire(blocking=False), "on_result called concurrently"
-        try:
-            calls.append(result.file.sop_instance_uid)
-        finally:
-            in_callback.release()
-
-    send_files(dataclasses.replace(server.endpoint(), associations=3), files, FAST, on_result)
-
-    assert sorted(calls) == sorted(uids(files)) and len(calls) == len(files)
-    assert server.counts == Counter(uids(files))
-    assert server.associations == 3 and server.max_in_flight >= 2
-    for run in (files[0:4], files[4:8], files[8:12]):  # consecutive runs, each in order
-        arrived = [a.sop_instance_uid for a in server.arrivals]
-        assert [u for u in arrived if u in uids(run)] == uids(run)
-    assert our_threads() == []
-
-
-def test_parallel_associations_failure_in_one_run_lets_the_others_finish(
-    server: StorageSCP, make_files: Callable[..., list[DicomFile]]
-) -> None:
-    files = make_files(6)  # runs: files[0:3] and files[3:6]
-    server.stall_instances.add(files[1].sop_instance_uid)
-    server.stall_seconds = 10
-    server.refuse_instances[files[4].sop_instance_uid] = 0xA700
-    results = Results()
-    endpoint = dataclasses.replace(server.endpoint(), associations=2)
-
-    with pytest.raises(SendError) as info:
-        send_files(endpoint, files, Timeouts(dimse=1, acse=5), results)
-
-    assert info.value.transient
-    assert info.value.reason == (
-        "no C-STORE response within 1 s (DIMSE time-out); association aborted"
-    )
-    assert sorted(r.file.relpath for r in results) == sorted(
-        f.relpath for f in (files[0], files[1], files[3], files[4], files[5])
-    )  # files[2], after the stalled one in its run, was not attempted
-    assert results.failed.keys() == {files[1].sop_instance_uid, files[4].sop_instance_uid}
-    assert results.failed[files[1].sop_instance_uid].status is None
-    assert results.failed[files[4].sop_instance_uid].status == 0xA700
-    assert server.counts == Counter(uids([files[0], files[1], files[3], files[5]]))
-    assert our_threads() == []
-
-
 def test_echo(server: StorageSCP) -> None:
     assert echo(server.endpoint(), FAST) == 0x0000
     with pytest.raises(SendError) as info:
