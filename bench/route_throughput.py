@@ -41,6 +41,8 @@ HOST = "127.0.0.1"
 RECEIVER_AET = "BENCHSCP"
 ROWS = COLS = 512
 SEND_RATIO_TARGET = 0.3
+PARALLEL_RATIO_TARGET = 0.6
+"""With more than one association a job (of --files 1500 or more) must reach this."""
 MEMORY_RATIO_TARGET = 1.1
 BUSY_WARNING = 0.1
 ROUTING_FILES = ("routing-record.jsonl", "routing-status.json", ".routing.lock")
@@ -58,6 +60,8 @@ print(json.dumps(report.to_dict()))
 """
 
 IMPORT_ONLY = "import router.config, router.route, router.settings"
+
+DEFAULT_ASSOCIATIONS = "from router.settings import Settings; print(Settings().associations)"
 
 
 # --- children that never outlive the bench --------------------------------------------------
@@ -342,16 +346,33 @@ def dcmtk_env() -> dict[str, str]:
     return {**os.environ, "TCP_NODELAY": "1"}
 
 
-def router_env(prefect_home: Path) -> dict[str, str]:
+def router_env(prefect_home: Path, associations: int | None = None) -> dict[str, str]:
     """The caller's environment without its Prefect and router settings, so runs are
-    reproducible and never land on a real Prefect server; a PREFECT_HOME of our own."""
+    reproducible and never land on a real Prefect server; a PREFECT_HOME of our own.
+    `associations`: DICOM_ROUTER_ASSOCIATIONS (None: the router's default)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DICOM_ROUTER_"))}
     env.update(
         PREFECT_HOME=str(prefect_home),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         TCP_NODELAY="1",
     )
+    if associations is not None:
+        env["DICOM_ROUTER_ASSOCIATIONS"] = str(associations)
     return env
+
+
+def default_associations(env: dict[str, str]) -> int:
+    """The router's `associations` setting as the runs see it (in a child: no pydantic here)."""
+    out = subprocess.run(
+        [sys.executable, "-c", DEFAULT_ASSOCIATIONS],
+        env=env,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(out.stdout.strip())
 
 
 @contextlib.contextmanager
@@ -430,6 +451,8 @@ class RouterRun:
     path: str
     """`cli` (dicom-router route, the Prefect flow) or `plain` (route_job, no Prefect)."""
     run: int
+    associations: int
+    """DICOM_ROUTER_ASSOCIATIONS of the run: associations per destination for the job."""
     prefect_home: str | None
     exit_code: int
     state: str | None
@@ -443,7 +466,8 @@ class RouterRun:
     ratio_to_storescu: float | None
     peak_rss_mib: float
     """The router process's own peak RSS."""
-    prefect_server_peak_rss_mib: float | None
+    children_peak_rss_mib: float | None
+    """Largest process the router started: the CLI's Prefect server, or a sending process."""
     wait4_peak_rss_mib: float
     left_processes_behind: bool
     problems: list[str] = field(default_factory=list)
@@ -463,6 +487,7 @@ def storescu_run(job: Path, port: int, files: int, nbytes: int, logs: Path, run:
 def router_run(
     path: str,
     run: int,
+    associations: int,
     args: Sequence[str],
     env: dict[str, str],
     job: Path,
@@ -504,6 +529,7 @@ def router_run(
     return RouterRun(
         path=path,
         run=run,
+        associations=associations,
         prefect_home=prefect_home,
         exit_code=result.exit_code,
         state=report.get("state"),
@@ -515,7 +541,7 @@ def router_run(
         mb_per_s=rate.mb_per_s if rate else 0.0,
         ratio_to_storescu=None,
         peak_rss_mib=result.own_peak_mib,
-        prefect_server_peak_rss_mib=result.descendants_peak_mib,
+        children_peak_rss_mib=result.descendants_peak_mib,
         wait4_peak_rss_mib=result.wait4_peak_mib,
         left_processes_behind=result.leftovers,
         problems=problems,
@@ -544,6 +570,8 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(prefect_home, ignore_errors=True)
     new_home = not (prefect_home / "prefect.db").exists()
     env = router_env(prefect_home)
+    counts: list[int] = args.associations or [default_associations(env)]
+    envs = {a: router_env(prefect_home, a) for a in counts}
     routing_log = logs / "routing.log"
     routing_log.unlink(missing_ok=True)
 
@@ -560,22 +588,21 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
         runs: list[RouterRun] = []
         for k in range(1, args.repeat + 1):
             scu.append(storescu_run(job, port, n, nbytes, logs, k))
-            home = "new" if k == 1 and new_home else "warm"
-            log = logs / f"router-cli-{k}.log"
-            runs.append(router_run("cli", k, cli, env, job, n, nbytes, log, home))
-            log = logs / f"router-plain-{k}.log"
-            runs.append(router_run("plain", k, plain, env, job, n, nbytes, log))
+            for a in counts:
+                tag = f"-a{a}" if len(counts) > 1 else ""
+                if not args.plain_only:
+                    home = "new" if k == 1 and new_home and a == counts[0] else "warm"
+                    log = logs / f"router-cli-{k}{tag}.log"
+                    runs.append(router_run("cli", k, a, cli, envs[a], job, n, nbytes, log, home))
+                log = logs / f"router-plain-{k}{tag}.log"
+                runs.append(router_run("plain", k, a, plain, envs[a], job, n, nbytes, log))
         scu.append(storescu_run(job, port, n, nbytes, logs, args.repeat + 1))
         baseline = baseline_rss(env, logs)
     reset_record(job)
     reference = Rate.of(statistics.median(r.seconds for r in scu), n, nbytes)
     for run in runs:
         run.ratio_to_storescu = run.img_per_s / reference.img_per_s if run.img_per_s else None
-    runs.sort(key=lambda r: (r.path != "cli", r.run))
-
-    cli_ok = [r for r in runs if r.path == "cli" and not r.problems and r.ratio_to_storescu]
-    warm = [r for r in cli_ok if r.prefect_home == "warm"] or cli_ok
-    warm_ratio = statistics.median(r.ratio_to_storescu or 0.0 for r in warm) if warm else None
+    runs.sort(key=lambda r: (r.path != "cli", r.associations, r.run))
     return {
         "files": len(files),
         "bytes": nbytes,
@@ -596,12 +623,32 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
         },
         "router": [asdict(r) for r in runs],
         "import_only_peak_rss_mib": baseline,
-        "targets": {
-            "send_ratio_min": SEND_RATIO_TARGET,
-            "send_ratio_warm_cli": warm_ratio,
-            "send_ratio_met": warm_ratio is not None and warm_ratio >= SEND_RATIO_TARGET,
-        },
+        "targets": [target(runs, a) for a in counts],
         "logs": str(logs),
+    }
+
+
+def _median_ratio(runs: Sequence[RouterRun]) -> float | None:
+    ratios = [r.ratio_to_storescu for r in runs if not r.problems and r.ratio_to_storescu]
+    return statistics.median(ratios) if ratios else None
+
+
+def target(runs: Sequence[RouterRun], associations: int) -> dict[str, Any]:
+    """The send-ratio target for one associations setting: warm CLI runs decide, else plain."""
+    mine = [r for r in runs if r.associations == associations]
+    cli = [r for r in mine if r.path == "cli"]
+    warm = [r for r in cli if r.prefect_home == "warm"] or cli
+    plain = _median_ratio([r for r in mine if r.path == "plain"])
+    warm_cli = _median_ratio(warm)
+    decides = warm_cli if cli else plain
+    minimum = PARALLEL_RATIO_TARGET if associations > 1 else SEND_RATIO_TARGET
+    return {
+        "associations": associations,
+        "send_ratio_min": minimum,
+        "plain_median": plain,
+        "warm_cli_median": warm_cli,
+        "decided_by": "warm cli" if cli else "plain",
+        "met": decides is not None and decides >= minimum,
     }
 
 
@@ -611,7 +658,8 @@ def memory_check(args: argparse.Namespace) -> dict[str, Any]:
     logs.mkdir(parents=True, exist_ok=True)
     small, large = args.memory_files
     jobs = {n: ensure_job(out, n) for n in (small, large)}
-    env = router_env(out / "prefect-home")
+    env = router_env(out / "prefect-home", args.associations[0] if args.associations else None)
+    associations = args.associations[0] if args.associations else default_associations(env)
     routing_log = logs / "routing.log"
     results: dict[int, RouterRun] = {}
     sizes: dict[int, int] = {}
@@ -622,7 +670,7 @@ def memory_check(args: argparse.Namespace) -> dict[str, Any]:
             sizes[n] = warm_page_cache(files)
             log = logs / f"memory-plain-{n}.log"
             args_ = plain_args(job, config, routing_log)
-            results[n] = router_run("plain", 1, args_, env, job, n, sizes[n], log)
+            results[n] = router_run("plain", 1, associations, args_, env, job, n, sizes[n], log)
             reset_record(job)
         baseline = baseline_rss(env, logs)
     a, b = results[small], results[large]
@@ -631,6 +679,7 @@ def memory_check(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "memory_check": {
             "path": "plain (router.route.route_job, no Prefect)",
+            "associations": associations,
             "import_only_peak_rss_mib": baseline,
             "runs": {str(n): asdict(r) for n, r in results.items()},
             "peak_rss_mib": {str(small): a.peak_rss_mib, str(large): b.peak_rss_mib},
@@ -658,18 +707,18 @@ def print_throughput(r: dict[str, Any]) -> None:
         f"--max-pdu {rec['max_pdu']} on {rec['host']}"
     )
     head = (
-        f"{'':28}{'total s':>8}{'send s':>8}{'fixed s':>9}{'img/s':>8}{'MB/s':>8}"
-        f"{'× scu':>7}{'RSS MiB':>9}{'server':>8}"
+        f"{'':28}{'assoc':>6}{'total s':>8}{'send s':>8}{'fixed s':>9}{'img/s':>8}{'MB/s':>8}"
+        f"{'× scu':>7}{'RSS MiB':>9}{'child':>8}"
     )
     print(head)
     for k, run in enumerate(r["storescu"]["runs"], start=1):
         print(
-            f"{f'storescu {k}':28}{run['seconds']:8.2f}{run['seconds']:8.2f}{'-':>9}"
+            f"{f'storescu {k}':28}{1:6}{run['seconds']:8.2f}{run['seconds']:8.2f}{'-':>9}"
             f"{run['img_per_s']:8.0f}{run['mb_per_s']:8.0f}{'':>7}{'-':>9}{'-':>8}"
         )
     med = r["storescu"]["median"]
     print(
-        f"{'storescu median':28}{'':8}{med['seconds']:8.2f}{'':9}"
+        f"{'storescu median':28}{'':6}{'':8}{med['seconds']:8.2f}{'':9}"
         f"{med['img_per_s']:8.0f}{med['mb_per_s']:8.0f}{1:7.2f}"
     )
     for run in r["router"]:
@@ -679,36 +728,40 @@ def print_throughput(r: dict[str, Any]) -> None:
             else f"plain route_job {run['run']}"
         )
         print(
-            f"{label:28}{run['total_seconds']:8.2f}{run['send_seconds']:8.2f}"
-            f"{run['fixed_seconds']:9.2f}{run['img_per_s']:8.0f}{run['mb_per_s']:8.0f}"
-            f"{_f(run['ratio_to_storescu'], '7.2f')}{run['peak_rss_mib']:9.0f}"
-            f"{_f(run['prefect_server_peak_rss_mib'], '8.0f')}"
+            f"{label:28}{run['associations']:6}{run['total_seconds']:8.2f}"
+            f"{run['send_seconds']:8.2f}{run['fixed_seconds']:9.2f}{run['img_per_s']:8.0f}"
+            f"{run['mb_per_s']:8.0f}{_f(run['ratio_to_storescu'], '7.2f')}"
+            f"{run['peak_rss_mib']:9.0f}{_f(run['children_peak_rss_mib'], '8.0f')}"
         )
         for problem in run["problems"]:
             print(f"    PROBLEM: {problem}")
-    print(f"{'import only (plain path)':28}{'':58}{r['import_only_peak_rss_mib']:9.0f}")
+    print(f"{'import only (plain path)':28}{'':64}{r['import_only_peak_rss_mib']:9.0f}")
     if r["cpu_busy_before"] > BUSY_WARNING:
         print(
             f"WARNING: {r['cpu_busy_before']:.0%} of the {r['cpus']} cores were busy with "
             "other work before the runs: the figures are skewed, run again on a quiet machine"
         )
-    t = r["targets"]
-    verdict = "met" if t["send_ratio_met"] else "NOT met"
-    print(
-        f"target: send ≥ {t['send_ratio_min']:.2f}× storescu (warm dicom-router route): "
-        f"{_f(t['send_ratio_warm_cli'], '.2f')} → {verdict}"
-    )
+    for t in r["targets"]:
+        verdict = "met" if t["met"] else "NOT met"
+        print(
+            f"associations {t['associations']}: median × scu plain "
+            f"{_f(t['plain_median'], '.2f')}, warm dicom-router route "
+            f"{_f(t['warm_cli_median'], '.2f')}; target ≥ {t['send_ratio_min']:.2f} "
+            f"({t['decided_by']}) → {verdict}"
+        )
     print(f"logs: {r['logs']}")
 
 
 def print_memory(r: dict[str, Any]) -> None:
     m = r["memory_check"]
-    print(f"peak RSS of the {m['path']}")
+    print(f"peak RSS of the {m['path']}, {m['associations']} association(s)")
     print(f"  import only      {m['import_only_peak_rss_mib']:7.1f} MiB")
     for n, run in m["runs"].items():
+        senders = run["children_peak_rss_mib"]
         print(
             f"  {n:>6} files     {run['peak_rss_mib']:7.1f} MiB   "
-            f"(send {run['send_seconds']:.1f} s, {run['img_per_s']:.0f} img/s)"
+            f"(send {run['send_seconds']:.1f} s, {run['img_per_s']:.0f} img/s"
+            + (f"; largest sending process {senders:.1f} MiB)" if senders else ")")
         )
         for problem in run["problems"]:
             print(f"    PROBLEM: {problem}")
@@ -728,6 +781,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-pdu", type=int, default=131072, help="receiver max PDU (131072)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
+        "--associations",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="DICOM_ROUTER_ASSOCIATIONS of the router runs; several values are run in turn "
+        "in every round (default: the router's default)",
+    )
+    parser.add_argument(
+        "--plain-only",
+        action="store_true",
+        help="only the plain path (no dicom-router route runs): quicker sweeps",
+    )
+    parser.add_argument(
         "--memory-check",
         action="store_true",
         help="only compare the plain path's peak RSS on --memory-files A B images",
@@ -742,6 +808,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.files < 1 or args.repeat < 1:
         parser.error("--files and --repeat must be at least 1")
+    if args.associations and min(args.associations) < 1:
+        parser.error("--associations must be at least 1")
     for binary in (STORESCP, STORESCU):
         if not os.access(binary, os.X_OK):
             parser.error(f"{binary} missing: run scripts/install-system-deps (as root)")
