@@ -242,6 +242,12 @@ def test_compressed_files_are_decoded_for_a_pacs_without_codecs(
             assert sent_in == s.syntax
         else:
             assert (line["converted_from"], line["converted_to"]) == (s.syntax, sent_in), s.name
+    # Independent of the decoders: what arrives from the lossless MR_small encodings is
+    # exactly the uncompressed MR_small.
+    mr_small = pydicom.dcmread(get_testdata_file("MR_small.dcm")).pixel_array
+    for name in ("j2k-lossless.dcm", "rle.dcm", "jpeg-ls.dcm", "jpeg-lossless.dcm"):
+        (s,) = [s for s in samples if s.name == name]
+        assert np.array_equal(arrived[uid(s.path)].pixel_array, mr_small), name
     baseline = arrived[uid(samples[3].path)]
     assert baseline.LossyImageCompressionMethod == "ISO_10918_1"
     assert baseline.PhotometricInterpretation == "RGB"  # decoded from YBR_FULL
@@ -295,13 +301,15 @@ def test_a_pacs_that_takes_compressed_data_gets_the_files_unchanged(
     assert not [line for line in stores(job).values() if "converted_from" in line]
 
 
-def test_an_undecodable_file_fails_alone_with_its_reason(
+def test_undecodable_files_fail_alone_with_their_reason(
     tmp_path: Path, uncompressed_pacs: StoreSCP
 ) -> None:
-    """MPEG-4 video to a PACS without codecs: no decoder here, so that instance fails at
-    once (no retry can help), the others are stored, and the entry and job fail."""
+    """To a PACS without codecs: MPEG-4 video (no decoder here for the syntax) and a 12-bit
+    JPEG that libjpeg refuses fail at once (no retry can help), each with its reason; the
+    others are stored, and the entry and the job fail."""
     job = make_job(tmp_path)
     video(job / "OUTPUT" / "clip.dcm")
+    place(get_testdata_file("JPEG-lossy.dcm"), job / "OUTPUT" / "jpeg12.dcm")
     others = [
         place(get_testdata_file("JPEG2000.dcm"), job / "OUTPUT" / "j2k.dcm"),
         place(get_testdata_file("MR_small.dcm"), job / "OUTPUT" / "mr.dcm"),
@@ -310,18 +318,33 @@ def test_an_undecodable_file_fails_alone_with_its_reason(
     report = route_job(job, rules(uncompressed_pacs.port, "PACS"), settings(tmp_path))
 
     assert report.state == "failed"
+    assert report.rules[0].entries[0].state == "failed"
     sent = delivery(report)
-    assert (sent.stored, sent.failed, sent.attempts, sent.transient) == (2, 1, 1, False)
-    reason = (
+    assert (sent.stored, sent.failed, sent.attempts, sent.transient) == (2, 2, 1, False)
+    clip = (
         "cannot convert OUTPUT/clip.dcm from MPEG-4 AVC/H.264 High Profile / Level 4.1: "
         "No pixel data decoders have been implemented for "
         "'MPEG-4 AVC/H.264 High Profile / Level 4.1'"
     )
-    assert sent.failures == [{"file": "OUTPUT/clip.dcm", "status": None, "reason": reason}]
-    assert report.rules[0].entries[0].state == "failed"
+    jpeg12 = (
+        "cannot convert OUTPUT/jpeg12.dcm from JPEG Extended (Process 2 and 4): "
+        "Unable to decode as exceptions were raised by all available plugins:"
+    )
+    failures = {f["file"]: f for f in sent.failures}
+    assert failures["OUTPUT/clip.dcm"] == {
+        "file": "OUTPUT/clip.dcm",
+        "status": None,
+        "reason": clip,
+    }
+    assert failures["OUTPUT/jpeg12.dcm"]["reason"].startswith(jpeg12)
+    assert "libjpeg error" in failures["OUTPUT/jpeg12.dcm"]["reason"]
     assert set(received(uncompressed_pacs)) == {uid(p) for p in others}
-    line = stores(job)["OUTPUT/clip.dcm"]
-    assert (line["stored"], line["error"]) == (False, reason)
+    record = stores(job)
+    assert (record["OUTPUT/clip.dcm"]["stored"], record["OUTPUT/clip.dcm"]["error"]) == (
+        False,
+        clip,
+    )
+    assert record["OUTPUT/jpeg12.dcm"]["stored"] is False
 
 
 def test_with_convert_off_a_compressed_file_fails_without_retries(
