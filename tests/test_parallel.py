@@ -75,9 +75,11 @@ def shares(files: list[DicomFile], count: int) -> list[list[DicomFile]]:
     return [files[bounds[i] : bounds[i + 1]] for i in range(count)]
 
 
-def senders(parent: int | None = None) -> list[int]:
-    """Live sending processes (by their command-line marker), of `parent` if given."""
-    found = []
+def senders(under: int | None = None) -> dict[int, int]:
+    """Live sending processes (by their command-line marker) -> their parent's pid; only
+    those descending from `under`, if given (sender 1 is the router's child, the others
+    sender 1's)."""
+    found = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -87,11 +89,16 @@ def senders(parent: int | None = None) -> list[int]:
         except OSError:
             continue
         state, ppid = stat[stat.rfind(b")") + 2 :].split()[:2]
-        if router.parallel.MARKER.encode() not in cmdline or state == b"Z":
-            continue
-        if parent is None or int(ppid) == parent:
-            found.append(int(name))
-    return found
+        if router.parallel.MARKER.encode() in cmdline and state != b"Z":
+            found[int(name)] = int(ppid)
+    if under is None:
+        return found
+    mine: dict[int, int] = {}
+    while True:
+        more = {p: pp for p, pp in found.items() if (pp == under or pp in mine) and p not in mine}
+        if not more:
+            return mine
+        mine.update(more)
 
 
 def gone(pids: list[int], timeout: float = 10.0) -> bool:
@@ -106,7 +113,7 @@ def gone(pids: list[int], timeout: float = 10.0) -> bool:
 @pytest.fixture
 def no_sender_left() -> Iterator[None]:
     yield
-    assert senders(os.getpid()) == []
+    assert senders(os.getpid()) == {}
 
 
 def test_associations_for_keeps_small_jobs_on_one(
@@ -227,10 +234,11 @@ def test_a_sending_process_that_dies_is_a_transient_failure(
     def on_result(result: StoreResult) -> None:
         results(result)
         if len(results) == 3:  # both processes are running: kill the second one
-            children = sorted(senders(os.getpid()))
-            assert len(children) == 2
-            os.kill(children[1], signal.SIGKILL)
-            killed.append(children[1])
+            tree = senders(os.getpid())
+            assert len(tree) == 2
+            second = next(pid for pid, parent in tree.items() if parent != os.getpid())
+            os.kill(second, signal.SIGKILL)
+            killed.append(second)
 
     endpoint = dataclasses.replace(server.endpoint(), associations=2)
     with pytest.raises(SendError) as info:
@@ -289,7 +297,7 @@ def test_a_killed_run_leaves_no_sender_and_a_rerun_completes(
         deadline = time.monotonic() + 60
         while len(server.counts) < 12 and time.monotonic() < deadline:
             time.sleep(0.01)
-        children = senders(proc.pid)
+        children = list(senders(proc.pid))
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
