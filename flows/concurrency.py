@@ -53,10 +53,10 @@ def set_destination_limit(endpoint: Endpoint, size: int) -> str:
 
 
 @contextmanager
-def destination_slot(name: str | None) -> Iterator[None]:
-    """Hold one slot of the destination's limit; strict, so a missing limit is an error."""
+def destination_slot(name: str | None, occupy: int = 1) -> Iterator[None]:
+    """Hold a slot per association; strict, so a missing limit is an error, never a pass."""
     if name is None:
         yield
         return
-    with concurrency(name, occupy=1, strict=True):
+    with concurrency(name, occupy=occupy, strict=True):
         yield

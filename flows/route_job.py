@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +121,7 @@ def send_task(
     The destination's concurrency slot is held only while sending, not during the
     backoff between retries, so a waiting retry does not block other jobs.
     """
-    with destination_slot(limit):
+    with destination_slot(limit, occupy=endpoint.associations):
         attempt = attempt_once(
             record, endpoint, files, settings, task_run.run_count, force, current_progress()
         )
@@ -168,16 +168,26 @@ class FlowSteps:
         self, rule: RuleSpec, entry: SendEntry, endpoint: Endpoint, files: Sequence[DicomFile]
     ) -> Delivery:
         already = len(files) - len(missing(self.record, endpoint, files, self.force))
+        size = entry.destination.max_associations or self.settings.max_associations
         if endpoint.key not in self.limits:
-            size = entry.destination.max_associations or self.settings.max_associations
             self.limits[endpoint.key] = ensure_destination_limit(endpoint, size)
+        # one slot per association: a job never opens more than the limit allows
+        endpoint = replace(endpoint, associations=min(endpoint.associations, size))
         send = send_task.with_options(
             task_run_name=f"send {rule.index}.{entry.index} → {endpoint.key}",
             retries=self.settings.retries,
             retry_delay_seconds=self.settings.retry_delays() or 0,
         )
         start = time.monotonic()
-        state = send(self.record, endpoint, files, self.settings, self.force, return_state=True)
+        state = send(
+            self.record,
+            endpoint,
+            files,
+            self.settings,
+            self.force,
+            self.limits[endpoint.key],
+            return_state=True,
+        )
         outcome = state.result(raise_on_failure=False)
         if isinstance(outcome, TransientSendFailure):
             last: Attempt | None = outcome.attempt
