@@ -10,6 +10,11 @@ called, one answer at a time, in the calling thread: the caller keeps writing th
 A sender waits for that to be done before it sends its next file, so a kill of the router
 loses at most the instance in flight on each association, as with one association.
 
+A peer may take fewer associations at once than asked (dcmtk's storescp serves one at a
+time unless started with --fork; PACS often cap them per AE title). A run whose association
+is rejected, or kept waiting past the ACSE time-out, for a transient reason goes to a sender
+that has finished its own run instead of failing the job.
+
 How they start: sender 1 is a plain `python -c` started through `subprocess` (fork + exec:
 safe in a router that runs threads, as under Prefect). Once it has imported the router, and
 before it starts any thread, it forks senders 2..N: importing pydicom and pynetdicom costs
@@ -36,6 +41,7 @@ import subprocess
 import sys
 import threading
 import traceback
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -104,17 +110,44 @@ def associations_for(endpoint: Endpoint, files: Sequence[DicomFile]) -> int:
 
 @dataclass
 class _Share:
-    """One sender's run of files, its connection, and how it ended."""
+    """A consecutive run of the job's files, sent over one association by one sender."""
 
     number: int
     files: Sequence[DicomFile]
-    conn: Connection
+    sender: _Proc | None = None
+    """The sender it was last given to (None: waiting for one)."""
+    reported: int = 0
     ended: bool = False
-    """It sent its last message ("done")."""
+    """Its sender said it is done with it ("done")."""
     error: tuple[str, str, bool] | None = None
     """("send", reason, transient) for a SendError, ("bug", traceback, False) otherwise."""
+    unsent: SendError | None = None
+    """Why its association could not be made, when it went back to wait for another sender."""
+
+
+@dataclass
+class _Proc:
+    """One sending process: its connection and what it is doing."""
+
+    number: int
+    conn: Connection
+    share: _Share | None = None
+    stopped: bool = False
+    """Told to stop (or gave up on an association): it takes no more shares."""
+    gone: bool = False
+    """Its connection is closed: it has ended."""
     exit_code: int | None = None
     """As sender 1 saw it reap this sender (sender 1's own: from `subprocess`)."""
+
+    def give(self, share: _Share, wire: list[tuple[str, ...]]) -> None:
+        self.share, share.sender = share, self
+        with contextlib.suppress(OSError):  # if it died, its EOF comes next
+            self.conn.send((share.number, wire))
+
+    def stop(self) -> None:
+        self.stopped = True
+        with contextlib.suppress(OSError):
+            self.conn.send(None)
 
 
 def send_parallel(
@@ -126,48 +159,50 @@ def send_parallel(
 ) -> None:
     """`router.send.send_files` over `count` associations, one process each (see module).
 
-    Files are split into `count` consecutive runs, each sent in order. Each run goes on to
-    its end whatever happens to the others. Once all senders have ended: the SendError of
-    those that failed (reasons joined; transient only if all were), or RuntimeError for an
-    unexpected error in a sender. A sender that dies without a word (killed, out of memory)
-    is a transient SendError; what it had reported stays reported.
+    Files are split into `count` consecutive runs, each sent in order over an association
+    of its own. Each run goes on to its end whatever happens to the others. A run whose
+    association cannot be made for a transient reason (a peer that takes fewer associations
+    at once: rejected, or kept waiting past the ACSE time-out, as dcmtk's storescp does
+    without --fork) waits for a sender that has finished its own run. Once all senders
+    have ended: the SendError of the runs that failed (reasons joined; transient only if all
+    were), or RuntimeError for an unexpected error in a sender. A sender that dies without
+    a word (killed, out of memory) is a transient SendError; what it reported stays.
     """
     size, extra = divmod(len(files), count)
     bounds = [i * size + min(i, extra) for i in range(count + 1)]
+    shares = [_Share(i + 1, files[bounds[i] : bounds[i + 1]]) for i in range(count)]
     pairs = [socket.socketpair() for _ in range(count)]
     try:
         theirs = [b.fileno() for _, b in pairs]
         env = {**os.environ, **{k: os.environ.get(k, "1") for k in _ONE_THREAD}}
-        proc = subprocess.Popen(
+        first = subprocess.Popen(
             [sys.executable, "-c", _BOOT, MARKER, str(os.getpid()), *map(str, theirs)],
             stdin=subprocess.DEVNULL,
             pass_fds=theirs,
             env=env,
         )
-        shares = [
-            _Share(i + 1, files[bounds[i] : bounds[i + 1]], Connection(a.detach()))
-            for i, (a, _) in enumerate(pairs)
-        ]
+        procs = [_Proc(i + 1, Connection(a.detach())) for i, (a, _) in enumerate(pairs)]
     finally:
         for a, b in pairs:
             a.close()
             b.close()
-    ended = False
+    finished = False
     try:
         levels = {name: logging.getLogger(name).getEffectiveLevel() for name in _LOGGERS}
         with contextlib.suppress(OSError):  # it died at start: reported once all end
-            shares[0].conn.send(list(sys.path))
-            for share in shares:
-                wire = [_wire(f) for f in share.files]
-                share.conn.send((endpoint, timeouts, wire, levels, share.number))
-        _serve(shares, on_result)
-        ended = True
+            procs[0].conn.send(list(sys.path))
+        for proc, share in zip(procs, shares, strict=True):
+            with contextlib.suppress(OSError):
+                proc.conn.send((endpoint, timeouts, levels, proc.number))
+            proc.give(share, [_wire(f) for f in share.files])
+        _serve(endpoint, procs, shares, on_result)
+        finished = True
     finally:
-        for share in shares:
-            share.conn.close()
-        _stop(proc, grace=_STOP_GRACE if ended else 0.0)
-    shares[0].exit_code = proc.returncode
-    _raise_errors(endpoint, shares, proc.returncode)
+        for proc in procs:
+            proc.conn.close()
+        _stop(first, grace=_STOP_GRACE if finished else 0.0)
+    procs[0].exit_code = first.returncode
+    _raise_errors(endpoint, shares, first.returncode)
 
 
 def _wire(f: DicomFile) -> tuple[str, str, str, str, str]:
@@ -175,52 +210,99 @@ def _wire(f: DicomFile) -> tuple[str, str, str, str, str]:
     return f.root, f.relpath, f.sop_class_uid, f.sop_instance_uid, f.transfer_syntax_uid
 
 
-def _serve(shares: list[_Share], on_result: Callable[[StoreResult], None]) -> None:
-    """Hand each sender's answers to `on_result` (acknowledged), its logs to ours, until EOF."""
-    live: dict[Any, _Share] = {share.conn: share for share in shares}
+def _serve(
+    endpoint: Endpoint,
+    procs: list[_Proc],
+    shares: list[_Share],
+    on_result: Callable[[StoreResult], None],
+) -> None:
+    """Hand the senders' answers to `on_result` (acknowledged), their logs to ours, and runs
+    that could not start to senders done with theirs; until every sender has ended."""
+    live: dict[Any, _Proc] = {proc.conn: proc for proc in procs}
+    waiting: deque[_Share] = deque()
     while live:
         for conn in wait(list(live)):
-            share = live[conn]
+            proc = live[conn]
             try:
-                message = share.conn.recv()
+                message = proc.conn.recv()
             except (EOFError, OSError):
                 del live[conn]
+                proc.gone = True
                 continue
             kind = message[0]
             if kind == "result":
-                _, index, fields = message
+                _, number, index, fields = message
+                share = shares[number - 1]
+                share.reported += 1
                 on_result(StoreResult(share.files[index], **fields))
                 with contextlib.suppress(OSError):  # if it died meanwhile, EOF comes next
-                    share.conn.send_bytes(b"")  # recorded: it may send its next file
+                    proc.conn.send_bytes(b"")  # recorded: it may send its next file
             elif kind == "log":
                 record = logging.makeLogRecord(message[1])
                 logger = logging.getLogger(record.name)
                 if logger.isEnabledFor(record.levelno):
                     logger.handle(record)
             elif kind == "done":
-                share.ended = True
-                share.error = message[1]
+                _, number, error = message
+                share, proc.share = shares[number - 1], None
+                if error and error[0] == "send" and error[2] and not share.reported:
+                    # Its association could not be made but others were: the peer takes
+                    # fewer at once. Another sender sends it after its own run.
+                    log.warning(
+                        "%s: association %d of %d not made (%s); its %d file(s) wait for another",
+                        endpoint.key,
+                        proc.number,
+                        len(procs),
+                        error[1],
+                        len(share.files),
+                    )
+                    share.unsent, share.sender = SendError(error[1], transient=True), None
+                    waiting.append(share)
+                    proc.stop()
+                else:
+                    share.ended, share.error = True, error
             elif kind == "exits":  # sender 1, last: how the senders it forked ended
                 for number, code in message[1].items():
-                    shares[number - 1].exit_code = code
+                    procs[number - 1].exit_code = code
+        _dispatch(procs, waiting)
 
 
-def _stop(proc: subprocess.Popen[bytes], grace: float) -> None:
+def _dispatch(procs: list[_Proc], waiting: deque[_Share]) -> None:
+    """Give waiting runs to idle senders; stop the idle ones once no run can come back."""
+    idle = [p for p in procs if not (p.gone or p.stopped) and p.share is None]
+    while waiting and idle:
+        share = waiting.popleft()
+        idle.pop(0).give(share, [_wire(f) for f in share.files])
+    if not any(p.share is not None and not p.gone for p in procs):
+        for proc in idle:
+            proc.stop()
+
+
+def _stop(first: subprocess.Popen[bytes], grace: float) -> None:
     """Wait up to `grace` for sender 1 (which reaps the others), then kill it (and them)."""
     with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=grace)
-    if proc.poll() is None:
+        first.wait(timeout=grace)
+    if first.poll() is None:
         if grace:
             log.warning("sending processes still running after %g s: killed", grace)
-        proc.kill()  # the others die with it (PR_SET_PDEATHSIG)
-        proc.wait()
+        first.kill()  # the others die with it (PR_SET_PDEATHSIG)
+        first.wait()
 
 
 def _raise_errors(endpoint: Endpoint, shares: list[_Share], first_exit: int | None) -> None:
+    """Raise what the runs ended with; `first_exit`: sender 1's, which the others die with."""
     send_errors: list[SendError] = []
     for share in shares:
-        if not share.ended:
-            code = share.exit_code if share.exit_code is not None else first_exit
+        if share.ended and share.error is not None:
+            kind, text, transient = share.error
+            if kind == "bug":
+                raise RuntimeError(f"sending run {share.number} failed:\n{text}")
+            send_errors.append(SendError(text, transient=transient))
+        elif not share.ended and share.sender is None and share.unsent is not None:
+            send_errors.append(share.unsent)  # no sender was left to take it
+        elif not share.ended:
+            proc = share.sender
+            code = first_exit if proc is None or proc.exit_code is None else proc.exit_code
             how = (
                 "no exit status"
                 if code is None
@@ -228,13 +310,9 @@ def _raise_errors(endpoint: Endpoint, shares: list[_Share], first_exit: int | No
                 if code < 0
                 else f"exit code {code}"
             )
-            text = f"sending process {share.number} for {endpoint.key} ended unexpectedly ({how})"
+            number = share.number if proc is None else proc.number
+            text = f"sending process {number} for {endpoint.key} ended unexpectedly ({how})"
             send_errors.append(SendError(text, transient=True))
-        elif share.error is not None:
-            kind, text, transient = share.error
-            if kind == "bug":
-                raise RuntimeError(f"sending process {share.number} failed:\n{text}")
-            send_errors.append(SendError(text, transient=transient))
     if send_errors:
         reasons = list(dict.fromkeys(exc.reason for exc in send_errors))
         transient = all(exc.transient for exc in send_errors)
@@ -311,10 +389,13 @@ class _ToRouter(logging.Handler):
 
 
 def sender(conn: Connection, *, close: bool = True) -> None:
-    """Send the share received from the router over one association, reporting each answer."""
+    """Send the runs the router gives, each over one association, reporting each answer."""
     from router.send import _Sender
 
-    endpoint, timeouts, wire, levels, number = conn.recv()
+    try:
+        endpoint, timeouts, levels, number = conn.recv()
+    except (EOFError, OSError):
+        os._exit(1)  # the router is gone
     lock = threading.Lock()
     root = logging.getLogger()
     root.handlers[:] = [_ToRouter(conn, lock, number)]
@@ -322,29 +403,38 @@ def sender(conn: Connection, *, close: bool = True) -> None:
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
 
-    files = [DicomFile(*w) for w in wire]
-    index = {(f.root, f.relpath): i for i, f in enumerate(files)}
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            os._exit(1)
+        if job is None:
+            break
+        share, wire = job
+        files = [DicomFile(*w) for w in wire]
+        index = {(f.root, f.relpath): i for i, f in enumerate(files)}
 
-    def report(result: StoreResult) -> None:
-        fields = {
-            field.name: getattr(result, field.name)
-            for field in dataclasses.fields(result)
-            if field.name != "file"
-        }
+        def report(result: StoreResult, share: int = share, index: dict = index) -> None:
+            fields = {
+                field.name: getattr(result, field.name)
+                for field in dataclasses.fields(result)
+                if field.name != "file"
+            }
+            position = index[(result.file.root, result.file.relpath)]
+            with lock:
+                conn.send(("result", share, position, fields))
+            conn.recv_bytes()  # the router has recorded it
+
+        error: tuple[str, str, bool] | None = None
+        try:
+            _Sender(endpoint, timeouts, report).run(files)
+        except SendError as exc:
+            error = ("send", exc.reason, exc.transient)
+        except (EOFError, BrokenPipeError, ConnectionResetError):
+            os._exit(1)  # the router is gone: nobody to report to
+        except BaseException:
+            error = ("bug", traceback.format_exc(), False)
         with lock:
-            conn.send(("result", index[(result.file.root, result.file.relpath)], fields))
-        conn.recv_bytes()  # the router has recorded it
-
-    error: tuple[str, str, bool] | None = None
-    try:
-        _Sender(endpoint, timeouts, report).run(files)
-    except SendError as exc:
-        error = ("send", exc.reason, exc.transient)
-    except (EOFError, BrokenPipeError, ConnectionResetError):
-        os._exit(1)  # the router is gone: nobody to report to
-    except BaseException:
-        error = ("bug", traceback.format_exc(), False)
-    with lock:
-        conn.send(("done", error))
+            conn.send(("done", share, error))
     if close:
         conn.close()

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -25,7 +26,7 @@ import pytest
 
 import router.parallel
 from router.config import load_config, parse_config
-from router.model import DicomFile, SendError, StoreResult, Timeouts
+from router.model import DicomFile, Endpoint, SendError, StoreResult, Timeouts
 from router.record import RECORD
 from router.route import route_job
 from router.send import send_files
@@ -313,3 +314,33 @@ def test_a_killed_run_leaves_no_sender_and_a_rerun_completes(
     duplicates = sum(server.counts.values()) - 60
     assert duplicates <= 3  # at most the instance in flight on each association
     assert all(n <= 2 for n in server.counts.values())
+
+
+def test_a_peer_that_takes_fewer_associations_gets_every_run_anyway(
+    scp: Callable[..., StorageSCP], make_files: Any, no_sender_left: None
+) -> None:
+    server = scp(delay=0.02)
+    server.reject_next(1)  # one of the three association requests: as a capped PACS does
+    files = make_files(30)
+    results = Results()
+
+    send_files(dataclasses.replace(server.endpoint(), associations=3), files, FAST, results)
+
+    assert sorted(r.file.relpath for r in results) == sorted(f.relpath for f in files)
+    assert all(r.stored for r in results)
+    assert server.counts == Counter(uids(files))
+    assert server.rejected == 1 and server.associations == 4  # the run went on another
+
+
+def test_a_peer_down_fails_every_run_once(make_files: Any, no_sender_left: None) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = Endpoint("127.0.0.1", port, "NOBODY", "ROUTER", associations=3)
+    results = Results()
+
+    with pytest.raises(SendError) as info:
+        send_files(endpoint, make_files(9), FAST, results)
+
+    assert info.value.transient and info.value.reason == f"connection refused by 127.0.0.1:{port}"
+    assert results == []
