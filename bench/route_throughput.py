@@ -377,10 +377,15 @@ def default_associations(env: dict[str, str]) -> int:
 
 @contextlib.contextmanager
 def receiver(max_pdu: int, logs: Path) -> Iterator[int]:
-    """`storescp --ignore` on a free port of 127.0.0.1: receives and discards."""
+    """`storescp --fork --ignore` on a free port of 127.0.0.1: receives and discards.
+
+    --fork: a process per association. Without it storescp serves one association at a
+    time and keeps the others waiting, so parallel associations could never gain.
+    """
     port = free_port()
     log = logs / "storescp.log"
-    args = [STORESCP, "--ignore", "--max-pdu", str(max_pdu), "-aet", RECEIVER_AET, str(port)]
+    args = [STORESCP, "--fork", "--ignore", "--max-pdu", str(max_pdu), "-aet", RECEIVER_AET]
+    args.append(str(port))
     with log.open("wb") as fh:
         proc = spawn(args, dcmtk_env(), fh, subprocess.STDOUT)
     try:
@@ -611,7 +616,7 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "cpu_busy_before": busy,
         "receiver": {
-            "program": f"{STORESCP} --ignore",
+            "program": f"{STORESCP} --fork --ignore",
             "host": HOST,
             "max_pdu": args.max_pdu,
             "env": "TCP_NODELAY=1",
