@@ -34,8 +34,14 @@ class Settings(BaseSettings):
         "success", description="proc.json success values that mean the computation worked."
     )
     associations: int = Field(
-        1, ge=1, le=16, description="Associations one job's files are spread over, per destination."
+        3,
+        ge=1,
+        le=16,
+        description="Associations (sending processes) one job's files are spread over, per "
+        "destination; small jobs use fewer.",
     )
+    """3: the best of 1-4 measured on two cores (bench/README.md): 0.45, 0.54, 0.57-0.61 and
+    0.56x storescu's rate for 6,000 CT images; a fourth sender only adds CPU contention."""
     max_associations: int = Field(
         2, ge=1, description="Associations open at once to one destination, over all jobs."
     )
