@@ -27,6 +27,7 @@ from router import routing_log
 from router.config import RoutingConfig, RuleSpec, SendEntry
 from router.job import Job, load_job
 from router.model import DicomFile, Endpoint
+from router.parallel import associations_for
 from router.record import Record
 from router.report import Delivery, JobReport
 from router.route import (
@@ -171,8 +172,9 @@ class FlowSteps:
         size = entry.destination.max_associations or self.settings.max_associations
         if endpoint.key not in self.limits:
             self.limits[endpoint.key] = ensure_destination_limit(endpoint, size)
-        # one slot per association: a job never opens more than the limit allows
-        endpoint = replace(endpoint, associations=min(endpoint.associations, size))
+        # one slot per association it will open (a small job: one), never more than the limit
+        used = associations_for(endpoint, files)
+        endpoint = replace(endpoint, associations=min(used, size))
         send = send_task.with_options(
             task_run_name=f"send {rule.index}.{entry.index} → {endpoint.key}",
             retries=self.settings.retries,
