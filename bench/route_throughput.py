@@ -349,7 +349,9 @@ def dcmtk_env() -> dict[str, str]:
 def router_env(prefect_home: Path, associations: int | None = None) -> dict[str, str]:
     """The caller's environment without its Prefect and router settings, so runs are
     reproducible and never land on a real Prefect server; a PREFECT_HOME of our own.
-    `associations`: DICOM_ROUTER_ASSOCIATIONS (None: the router's default)."""
+    `associations`: DICOM_ROUTER_ASSOCIATIONS (None: the router's default), with
+    DICOM_ROUTER_MAX_ASSOCIATIONS raised to match so the CLI's concurrency limit (2 by
+    default) does not cap it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DICOM_ROUTER_"))}
     env.update(
         PREFECT_HOME=str(prefect_home),
@@ -358,6 +360,7 @@ def router_env(prefect_home: Path, associations: int | None = None) -> dict[str,
     )
     if associations is not None:
         env["DICOM_ROUTER_ASSOCIATIONS"] = str(associations)
+        env["DICOM_ROUTER_MAX_ASSOCIATIONS"] = str(max(associations, 2))
     return env
 
 
