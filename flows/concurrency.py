@@ -29,19 +29,23 @@ def limit_name(endpoint: Endpoint) -> str:
     return PREFIX + re.sub(r"[^A-Za-z0-9.-]+", "-", f"{endpoint.host}-{endpoint.port}")
 
 
-def ensure_destination_limit(endpoint: Endpoint, size: int) -> str:
-    """The limit's name, after creating it if it does not exist yet."""
+def ensure_destination_limit(endpoint: Endpoint, size: int) -> tuple[str, int]:
+    """The limit's name and size, after creating it with `size` if it does not exist yet.
+
+    The size is the limit's own, which an edit in the UI may have made smaller than
+    `size`: a send that asked for more slots than that would fail.
+    """
     name = limit_name(endpoint)
     with get_client(sync_client=True) as client:
         try:
-            client.read_global_concurrency_limit_by_name(name)
+            return name, client.read_global_concurrency_limit_by_name(name).limit
         except ObjectNotFound:
             # another run may create it meanwhile: that one will do
             with suppress(ObjectAlreadyExists):
                 client.create_global_concurrency_limit(
                     GlobalConcurrencyLimitCreate(name=name, limit=size)
                 )
-    return name
+        return name, client.read_global_concurrency_limit_by_name(name).limit
 
 
 def set_destination_limit(endpoint: Endpoint, size: int) -> str:

@@ -144,8 +144,8 @@ class FlowSteps:
     settings: Settings
     record: Record
     force: bool
-    limits: dict[str, str] = field(default_factory=dict)
-    """Destination key -> its concurrency limit, ensured once per run."""
+    limits: dict[str, tuple[str, int]] = field(default_factory=dict)
+    """Destination key -> its concurrency limit and the limit's size, ensured once per run."""
     report: list[DicomFile | None] = field(default_factory=list)
 
     def endpoint(self, entry: SendEntry) -> Endpoint:
@@ -172,9 +172,9 @@ class FlowSteps:
         size = entry.destination.max_associations or self.settings.max_associations
         if endpoint.key not in self.limits:
             self.limits[endpoint.key] = ensure_destination_limit(endpoint, size)
+        limit, slots = self.limits[endpoint.key]
         # one slot per association it will open (a small job: one), never more than the limit
-        used = associations_for(endpoint, files)
-        endpoint = replace(endpoint, associations=min(used, size))
+        endpoint = replace(endpoint, associations=min(associations_for(endpoint, files), slots))
         send = send_task.with_options(
             task_run_name=f"send {rule.index}.{entry.index} → {endpoint.key}",
             retries=self.settings.retries,
@@ -187,7 +187,7 @@ class FlowSteps:
             files,
             self.settings,
             self.force,
-            self.limits[endpoint.key],
+            limit,
             return_state=True,
         )
         outcome = state.result(raise_on_failure=False)

@@ -344,3 +344,41 @@ def test_a_peer_down_fails_every_run_once(make_files: Any, no_sender_left: None)
 
     assert info.value.transient and info.value.reason == f"connection refused by 127.0.0.1:{port}"
     assert results == []
+
+
+@pytest.mark.flow
+def test_the_flow_opens_no_more_associations_than_the_destination_limit_has(
+    prefect_api: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    scp: Callable[..., StorageSCP],
+    no_sender_left: None,
+) -> None:
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    from flows.concurrency import limit_name
+    from flows.route_job import route_job_flow
+
+    server = scp(delay=0.02)
+    job = tmp_path / "job"
+    write_job(job, n_output=12, n_input=0)
+    config = tmp_path / "routing.json"
+    destination = {"IP": "127.0.0.1", "PORT": server.port, "AETitleSender": "ROUTER"}
+    config.write_text(
+        json.dumps({"routing": [{"send": [{".*": {**destination, "AETitleTo": "STORESCP"}}]}]})
+    )
+    monkeypatch.setenv("DICOM_ROUTER_ASSOCIATIONS", "3")
+    monkeypatch.setenv("DICOM_ROUTER_MAX_ASSOCIATIONS", "3")
+    with get_client(sync_client=True) as client:  # the limit, made smaller in the UI
+        client.create_global_concurrency_limit(
+            GlobalConcurrencyLimitCreate(name=limit_name(server.endpoint()), limit=2)
+        )
+
+    state = route_job_flow(
+        job_dir=str(job), config=str(config), log_file=str(tmp_path / "r.log"), return_state=True
+    )
+
+    assert state.is_completed() and state.result()["state"] == "routed"
+    assert len(server.counts) == 12 and set(server.counts.values()) == {1}
+    assert server.associations == 2 and server.max_open == 2
