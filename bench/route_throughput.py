@@ -346,12 +346,14 @@ def dcmtk_env() -> dict[str, str]:
     return {**os.environ, "TCP_NODELAY": "1"}
 
 
-def router_env(prefect_home: Path, associations: int | None = None) -> dict[str, str]:
+def router_env(
+    prefect_home: Path, associations: int | None = None, most: int | None = None
+) -> dict[str, str]:
     """The caller's environment without its Prefect and router settings, so runs are
     reproducible and never land on a real Prefect server; a PREFECT_HOME of our own.
     `associations`: DICOM_ROUTER_ASSOCIATIONS (None: the router's default), with
-    DICOM_ROUTER_MAX_ASSOCIATIONS raised to match so the CLI's concurrency limit (2 by
-    default) does not cap it."""
+    DICOM_ROUTER_MAX_ASSOCIATIONS raised to `most` (the largest value of the invocation) so
+    that the concurrency limit the first CLI run creates (2 by default) caps none."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DICOM_ROUTER_"))}
     env.update(
         PREFECT_HOME=str(prefect_home),
@@ -360,7 +362,7 @@ def router_env(prefect_home: Path, associations: int | None = None) -> dict[str,
     )
     if associations is not None:
         env["DICOM_ROUTER_ASSOCIATIONS"] = str(associations)
-        env["DICOM_ROUTER_MAX_ASSOCIATIONS"] = str(max(associations, 2))
+        env["DICOM_ROUTER_MAX_ASSOCIATIONS"] = str(max(associations, most or 0, 2))
     return env
 
 
@@ -579,7 +581,7 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
     new_home = not (prefect_home / "prefect.db").exists()
     env = router_env(prefect_home)
     counts: list[int] = args.associations or [default_associations(env)]
-    envs = {a: router_env(prefect_home, a) for a in counts}
+    envs = {a: router_env(prefect_home, a, max(counts)) for a in counts}
     routing_log = logs / "routing.log"
     routing_log.unlink(missing_ok=True)
 
