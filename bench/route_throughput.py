@@ -28,7 +28,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out"
 STORESCP = "/usr/bin/storescp"  # not `storescp` on PATH: a Python shim shadows it
 STORESCU = "/usr/bin/storescu"
+ORTHANC = "/usr/sbin/Orthanc"
 HOST = "127.0.0.1"
 RECEIVER_AET = "BENCHSCP"
 ROWS = COLS = 512
@@ -380,9 +382,43 @@ def default_associations(env: dict[str, str]) -> int:
     return int(out.stdout.strip())
 
 
+@dataclass
+class Receiver:
+    """Where every sender sends: a port, and how to empty it before each run."""
+
+    port: int
+    program: str
+    reset: Callable[[], None]
+
+
 @contextlib.contextmanager
-def receiver(max_pdu: int, logs: Path) -> Iterator[int]:
-    """`storescp --fork --ignore` on a free port of 127.0.0.1: receives and discards.
+def receiver(kind: str, max_pdu: int, logs: Path, out: Path) -> Iterator[Receiver]:
+    """The receiver on a free port of 127.0.0.1, stopped (with its process group) at exit."""
+    if kind == "orthanc":
+        with orthanc(max_pdu, logs, out) as rec:
+            yield rec
+        return
+    with storescp(max_pdu, logs) as port:
+        yield Receiver(port, f"{STORESCP} --fork --ignore", lambda: None)
+
+
+def _wait_for_port(proc: subprocess.Popen, port: int, log: Path, what: str, wait: float) -> None:
+    deadline = time.monotonic() + wait
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}: {log.read_text()}")
+        try:
+            with socket.create_connection((HOST, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} not listening on {port}") from None
+            time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def storescp(max_pdu: int, logs: Path) -> Iterator[int]:
+    """`storescp --fork --ignore`: receives and discards.
 
     --fork: a process per association. Without it storescp serves one association at a
     time and keeps the others waiting, so parallel associations could never gain.
@@ -394,20 +430,67 @@ def receiver(max_pdu: int, logs: Path) -> Iterator[int]:
     with log.open("wb") as fh:
         proc = spawn(args, dcmtk_env(), fh, subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"storescp exited with {proc.returncode}: {log.read_text()}")
-            try:
-                with socket.create_connection((HOST, port), timeout=0.5):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"storescp not listening on {port}") from None
-                time.sleep(0.05)
+        _wait_for_port(proc, port, log, "storescp", 10)
         yield port
     finally:
         stop_group(proc)
+
+
+ORTHANC_THREADS = 4
+"""Orthanc's own default of DicomThreadsCount: associations it serves at once."""
+
+
+@contextlib.contextmanager
+def orthanc(max_pdu: int, logs: Path, out: Path) -> Iterator[Receiver]:
+    """Debian's Orthanc as a PACS that stores what it gets: its own index and storage in
+    `out/orthanc/` (emptied first), emptied over REST before every run so each run stores
+    every instance anew (Orthanc keeps the first copy of a duplicate and discards it)."""
+    workdir = out / "orthanc"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    port, http_port = free_port(), free_port()
+    config = {
+        "Name": "dicom-router-bench",
+        "StorageDirectory": str(workdir / "storage"),
+        "IndexDirectory": str(workdir / "storage"),
+        "Plugins": [],
+        "HttpPort": http_port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomAet": RECEIVER_AET,
+        "DicomPort": port,
+        "DicomAlwaysAllowStore": True,
+        "DicomCheckModalityHost": False,
+        "UnknownSopClassAccepted": True,
+        "DicomThreadsCount": ORTHANC_THREADS,
+        "MaximumPduLength": max_pdu,
+        "SaveJobs": False,
+    }
+    (workdir / "orthanc.json").write_text(json.dumps(config, indent=2))
+    log = logs / "orthanc.log"
+    url = f"http://{HOST}:{http_port}"
+
+    def call(method: str, path: str) -> Any:
+        req = urllib.request.Request(url + path, method=method)
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            raw = resp.read()
+        return json.loads(raw) if raw.strip() else None
+
+    def reset() -> None:
+        for patient in call("GET", "/patients"):
+            call("DELETE", f"/patients/{patient}")
+        if call("GET", "/instances"):
+            raise RuntimeError("Orthanc still holds instances after the reset")
+
+    with log.open("wb") as fh:
+        args = [ORTHANC, "--no-jobs", str(workdir / "orthanc.json")]
+        proc = spawn(args, dcmtk_env(), fh, subprocess.STDOUT)  # its DICOM side is dcmtk
+    try:
+        _wait_for_port(proc, port, log, "Orthanc", 60)
+        yield Receiver(port, f"{ORTHANC} (storing, {ORTHANC_THREADS} DICOM threads)", reset)
+    finally:
+        stop_group(proc, timeout=15)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def write_config(path: Path, port: int) -> Path:
@@ -586,7 +669,8 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
     routing_log.unlink(missing_ok=True)
 
     busy = cpu_busy()
-    with receiver(args.max_pdu, logs) as port:
+    with receiver(args.receiver, args.max_pdu, logs, out) as rec:
+        port = rec.port
         config = write_config(out / "route-bench.json", port)
         cli = [router_cli(), "route", str(job), "--config", str(config)]
         cli += ["--log-file", str(routing_log), "--json"]
@@ -597,15 +681,19 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
         scu: list[Rate] = []
         runs: list[RouterRun] = []
         for k in range(1, args.repeat + 1):
+            rec.reset()
             scu.append(storescu_run(job, port, n, nbytes, logs, k))
             for a in counts:
                 tag = f"-a{a}" if len(counts) > 1 else ""
                 if not args.plain_only:
                     home = "new" if k == 1 and new_home and a == counts[0] else "warm"
                     log = logs / f"router-cli-{k}{tag}.log"
+                    rec.reset()
                     runs.append(router_run("cli", k, a, cli, envs[a], job, n, nbytes, log, home))
                 log = logs / f"router-plain-{k}{tag}.log"
+                rec.reset()
                 runs.append(router_run("plain", k, a, plain, envs[a], job, n, nbytes, log))
+        rec.reset()
         scu.append(storescu_run(job, port, n, nbytes, logs, args.repeat + 1))
         baseline = baseline_rss(env, logs)
     reset_record(job)
@@ -621,7 +709,7 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "cpu_busy_before": busy,
         "receiver": {
-            "program": f"{STORESCP} --fork --ignore",
+            "program": rec.program,
             "host": HOST,
             "max_pdu": args.max_pdu,
             "env": "TCP_NODELAY=1",
@@ -673,8 +761,8 @@ def memory_check(args: argparse.Namespace) -> dict[str, Any]:
     routing_log = logs / "routing.log"
     results: dict[int, RouterRun] = {}
     sizes: dict[int, int] = {}
-    with receiver(args.max_pdu, logs) as port:
-        config = write_config(out / "route-bench.json", port)
+    with receiver("storescp", args.max_pdu, logs, out) as rec:
+        config = write_config(out / "route-bench.json", rec.port)
         for n, job in jobs.items():
             files = output_files(job)
             sizes[n] = warm_page_cache(files)
@@ -791,6 +879,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-pdu", type=int, default=131072, help="receiver max PDU (131072)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
+        "--receiver",
+        choices=("storescp", "orthanc"),
+        default="storescp",
+        help="storescp --fork --ignore (discards; the default) or Orthanc (stores, like a PACS)",
+    )
+    parser.add_argument(
         "--associations",
         type=int,
         nargs="+",
@@ -820,7 +914,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--files and --repeat must be at least 1")
     if args.associations and min(args.associations) < 1:
         parser.error("--associations must be at least 1")
-    for binary in (STORESCP, STORESCU):
+    for binary in (STORESCP, STORESCU) + ((ORTHANC,) if args.receiver == "orthanc" else ()):
         if not os.access(binary, os.X_OK):
             parser.error(f"{binary} missing: run scripts/install-system-deps (as root)")
     args.out = args.out.absolute()

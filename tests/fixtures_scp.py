@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from router.model import STORED_STATUSES, Endpoint
@@ -58,6 +60,9 @@ class StorageSCP:
     - `stall_at` / `stall_instances`: request numbers / SOPInstanceUIDs for which the SCP
       keeps the instance but does not answer for `stall_seconds` (released early at
       teardown): a lost or late response.
+    - `raw_answer_at`: request number -> bytes the SCP writes on the connection instead of
+      its answer (a malformed or unexpected response), before it holds the request as
+      `stall_at` does.
     - `delay`: seconds to wait before answering every C-STORE.
     - `reject_next(k, transient=...)`: reject the next k association requests.
     """
@@ -77,6 +82,7 @@ class StorageSCP:
     stall_at: set[int] = field(default_factory=set)
     stall_instances: set[str] = field(default_factory=set)
     stall_seconds: float = 30.0
+    raw_answer_at: dict[int, bytes] = field(default_factory=dict)
     delay: float = 0.0
 
     arrivals: list[Arrival] = field(default_factory=list)
@@ -92,6 +98,9 @@ class StorageSCP:
     """Associations established and not yet released or aborted."""
     max_open: int = 0
     """The most associations that were open at one time."""
+    releases: int = 0
+    """Associations that ended in a release (the others were aborted: `aborts`)."""
+    aborts: int = 0
 
     port: int = 0
     host: str = "127.0.0.1"
@@ -117,8 +126,8 @@ class StorageSCP:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ESTABLISHED, self._on_established),
-            (evt.EVT_RELEASED, self._on_closed),
-            (evt.EVT_ABORTED, self._on_closed),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
         ]
         server = ae.start_server(
             (self.host, 0), block=False, evt_handlers=handlers, ssl_context=self.ssl_context
@@ -181,9 +190,15 @@ class StorageSCP:
             self.open_now += 1
             self.max_open = max(self.max_open, self.open_now)
 
-    def _on_closed(self, event: evt.Event) -> None:
+    def _on_released(self, event: evt.Event) -> None:
         with self._lock:
             self.open_now -= 1
+            self.releases += 1
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        with self._lock:
+            self.open_now -= 1
+            self.aborts += 1
 
     def _on_store(self, event: evt.Event) -> int:
         with self._lock:
@@ -205,6 +220,11 @@ class StorageSCP:
             log.info("test SCP: aborting on C-STORE #%d (%s)", number, uid)
             event.assoc.abort()
             return 0xC000
+        if number in self.raw_answer_at:
+            log.info("test SCP: raw answer to C-STORE #%d (%s)", number, uid)
+            event.assoc.dul.socket.socket.sendall(self.raw_answer_at[number])
+            self._released.wait(self.stall_seconds)
+            return 0x0000
         status = self.refuse_at.get(number, self.refuse_instances.get(uid, 0x0000))
         if status in STORED_STATUSES:
             self._record(event, uid)
@@ -226,6 +246,23 @@ class StorageSCP:
             self.counts[uid] += 1
             if self.keep_data:
                 self.data[uid] = event.request.DataSet.getvalue()
+
+
+def our_threads(timeout: float = 3.0) -> list[threading.Thread]:
+    """pynetdicom threads of associations we requested that are still alive (after a grace)."""
+
+    def alive() -> list[threading.Thread]:
+        return [
+            t
+            for t in threading.enumerate()
+            if (isinstance(t, Association) and t.is_requestor)
+            or (isinstance(t, DULServiceProvider) and t.assoc.is_requestor)
+        ]
+
+    deadline = time.monotonic() + timeout
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return alive()
 
 
 @pytest.fixture

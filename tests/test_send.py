@@ -14,7 +14,6 @@ import os
 import socket
 import ssl
 import subprocess
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -34,17 +33,16 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AllStoragePresentationContexts
-from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode, split_dataset
-from pynetdicom.dul import DULServiceProvider
 
 import router.send
+from router.dimse import c_store_command
 from router.model import DicomFile, Endpoint, SendError, StoreResult, Timeouts, TlsOptions
-from router.send import MAX_CONTEXTS, _c_store_command, echo, send_files
+from router.send import MAX_CONTEXTS, echo, send_files
 from tests.factory import dicom_file, write_ct
-from tests.fixtures_scp import StorageSCP
+from tests.fixtures_scp import StorageSCP, our_threads
 
 FAST = Timeouts(connect=5, acse=5, dimse=5, network=10)
 STORESCP = "/usr/bin/storescp"
@@ -77,23 +75,6 @@ def files(make_files: Callable[..., list[DicomFile]]) -> list[DicomFile]:
 @pytest.fixture
 def server(scp: Callable[..., StorageSCP]) -> StorageSCP:
     return scp()
-
-
-def our_threads(timeout: float = 3.0) -> list[threading.Thread]:
-    """pynetdicom threads of associations we requested that are still alive (after a grace)."""
-
-    def alive() -> list[threading.Thread]:
-        return [
-            t
-            for t in threading.enumerate()
-            if (isinstance(t, Association) and t.is_requestor)
-            or (isinstance(t, DULServiceProvider) and t.assoc.is_requestor)
-        ]
-
-    deadline = time.monotonic() + timeout
-    while alive() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return alive()
 
 
 # -- the controllable SCP ------------------------------------------------------------------
@@ -179,7 +160,15 @@ def test_c_store_command_set_is_encoded_as_pynetdicom_does() -> None:
         primitive._dataset_path = (Path("x.dcm"), 0)
         message = C_STORE_RQ()
         message.primitive_to_message(primitive)
-        assert _c_store_command(primitive) == encode(message.command_set, True, True)
+        ours = c_store_command(
+            CTImageStorage,
+            "1.2.3.45",
+            65535,
+            2,
+            primitive.MoveOriginatorApplicationEntityTitle,
+            primitive.MoveOriginatorMessageID,
+        )
+        assert ours == encode(message.command_set, True, True)
 
 
 def test_empty_job_opens_no_association(server: StorageSCP) -> None:
