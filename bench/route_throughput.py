@@ -355,7 +355,7 @@ def router_env(
     reproducible and never land on a real Prefect server; a PREFECT_HOME of our own.
     `associations`: DICOM_ROUTER_ASSOCIATIONS (None: the router's default), with
     DICOM_ROUTER_MAX_ASSOCIATIONS raised to `most` (the largest value of the invocation) so
-    that the concurrency limit the first CLI run creates (2 by default) caps none."""
+    that the concurrency limit the first CLI run creates (4 by default) caps none."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DICOM_ROUTER_"))}
     env.update(
         PREFECT_HOME=str(prefect_home),

@@ -1,8 +1,11 @@
 """One job's files over several associations at once: one sending process per association.
 
-Why processes: sending from Python is CPU-bound (pynetdicom's DUL thread, our framing,
-~1-1.5 ms of CPU per 0.5 MB image), and threads in one process share the GIL: two or four
-threads gave no gain, two or four processes 0.47 / 0.62x dcmtk's storescu (PERF-NOTES).
+Why several: a PACS that stores what it gets (Orthanc, most archives) serves each
+association at its own pace, and takes more per second over several at once; into Orthanc
+1,500 CT images went at 0.85-1.1x storescu's rate over one association and 1.2-1.9x over
+four (bench/README.md). Why processes: sending from Python costs ~0.5 ms of CPU per 0.5 MB
+image (`router.dimse`), and threads in one process share the GIL: two or four threads gave
+no gain where two or four processes did (PERF-NOTES).
 
 Each sender runs the single-association sender (`router.send._Sender`) on a consecutive
 share of the files and streams every answer back to this process, where `on_result` is
@@ -55,8 +58,9 @@ MIN_SHARE_FILES = 300
 """Files an association must get for a further one to be worth starting.
 
 Senders take ~0.5 s to start (the interpreter, pydicom, pynetdicom), in which one
-association sends ~300 images of 0.5 MB: smaller jobs go as fast on one. Measured on two
-cores, three associations gained nothing on 1,500 CT images and ~30% on 6,000."""
+association sends 80 (into Orthanc) to 700 (into storescp, which discards) images of
+0.5 MB: smaller jobs gain nothing from more. Measured on two cores with 1,500 CT images,
+more associations gained 40-70% into Orthanc and cost up to 15% into storescp."""
 
 MIN_SHARE_BYTES = 512 << 20
 """Bytes an association must get for a further one to be worth starting (big files).

@@ -11,8 +11,8 @@ occasional converted data set) and does the C-STORE exchange of files itself
 (`router.dimse`): with the association's reactor parked and its DUL thread kept off the
 socket, the sending thread writes each file's bytes framed into PDUs and reads the
 response. With TCP_NODELAY and TCP_QUICKACK on the socket, one association then carries
-1,300-1,450 CT images of 0.5 MB per second over loopback on two cores, 0.85-0.95x dcmtk's
-storescu, at about 0.5 ms of CPU per image (1.5-1.8 ms through pynetdicom's own path).
+CT images of 0.5 MB over loopback on two cores at 1.0-1.2x dcmtk's storescu's rate
+(medians, bench/), about 0.5 ms of CPU per image (1.5-1.8 ms through pynetdicom's path).
 Parking the reactor and keeping the DUL thread off the socket touch pynetdicom 3.0
 internals (underscore names); the tests exercise them against pynetdicom's SCP, dcmtk's
 storescp and Orthanc, and `DIRECT_DATA = False` falls back to pynetdicom's own path.
