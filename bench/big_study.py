@@ -139,7 +139,7 @@ def big_study(args: argparse.Namespace) -> dict[str, Any]:
     counts = args.associations or sorted({1, rt.default_associations(env)})
     routing_log = logs / "routing.log"
     runs: list[dict[str, Any]] = []
-    with rt.receiver(args.max_pdu, logs) as port:
+    with rt.storescp(args.max_pdu, logs) as port:
         config = rt.write_config(out / "big-study.json", port)
         for name, job in built.items():
             files = rt.output_files(job)

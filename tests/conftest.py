@@ -3,6 +3,7 @@
 pytest_plugins = [
     "tests.fixtures_data",
     "tests.fixtures_scp",
+    "tests.fixtures_tls",
     "tests.fixtures_dcmtk",
     "tests.fixtures_orthanc",
     "tests.fixtures_harness",

@@ -7,9 +7,7 @@ each file: the routing record is built from those reports.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import io
-import ipaddress
 import os
 import socket
 import ssl
@@ -17,9 +15,7 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pydicom
 import pytest
@@ -43,6 +39,7 @@ from router.model import DicomFile, Endpoint, SendError, StoreResult, Timeouts, 
 from router.send import MAX_CONTEXTS, echo, send_files
 from tests.factory import dicom_file, write_ct
 from tests.fixtures_scp import StorageSCP, our_threads
+from tests.fixtures_tls import Pki
 
 FAST = Timeouts(connect=5, acse=5, dimse=5, network=10)
 STORESCP = "/usr/bin/storescp"
@@ -546,67 +543,6 @@ def test_echo_connection_refused() -> None:
 # -- DICOM over TLS ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Pki:
-    ca: str
-    server_cert: str
-    server_key: str
-    client_cert: str
-    client_key: str
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    """A throw-away CA, a server certificate for 127.0.0.1 and a client certificate."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    folder = tmp_path_factory.mktemp("pki")
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def issue(cn: str, issuer: tuple[x509.Name, Any] | None, **ext: Any) -> tuple[Any, Any]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(name(cn))
-            .issuer_name(issuer[0] if issuer else name(cn))
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-        )
-        builder = builder.add_extension(
-            x509.BasicConstraints(ca=issuer is None, path_length=None), True
-        )
-        if "san" in ext:
-            builder = builder.add_extension(ext["san"], False)
-        return builder.sign(issuer[1] if issuer else key, hashes.SHA256()), key
-
-    def save(stem: str, cert: Any, key: Any) -> tuple[str, str]:
-        cert_path, key_path = folder / f"{stem}.pem", folder / f"{stem}.key"
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        return str(cert_path), str(key_path)
-
-    ca_cert, ca_key = issue("router test CA", None)
-    san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    server = issue("127.0.0.1", (ca_cert.subject, ca_key), san=san)
-    client = issue("ROUTER", (ca_cert.subject, ca_key))
-    ca_path, _ = save("ca", ca_cert, ca_key)
-    return Pki(ca_path, *save("server", *server), *save("client", *client))
-
-
 def tls_server_context(pki: Pki, *, require_client_cert: bool = False) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(pki.server_cert, pki.server_key)
@@ -624,14 +560,14 @@ def test_tls_send_and_echo_with_verified_server(
     scp: Callable[..., StorageSCP], files: list[DicomFile], pki: Pki
 ) -> None:
     server = scp(ssl_context=tls_server_context(pki), keep_data=True)
-    endpoint = tls_endpoint(server, TlsOptions(ca_file=pki.ca))
+    endpoint = tls_endpoint(server, TlsOptions(ca_file=str(pki.ca)))
     results = Results()
 
     assert echo(endpoint, FAST) == 0x0000
     send_files(endpoint, files, FAST, results)
 
     assert results.stored == uids(files) and server.counts == Counter(uids(files))
-    for f in files:  # through pynetdicom's own path (TLS), still byte-identical
+    for f in files:  # over TLS too, byte-identical
         offset = split_dataset(f.path)[1]
         assert server.data[f.sop_instance_uid] == f.path.read_bytes()[offset:]
     assert our_threads() == []
@@ -641,14 +577,16 @@ def test_tls_client_certificate(
     scp: Callable[..., StorageSCP], files: list[DicomFile], pki: Pki
 ) -> None:
     server = scp(ssl_context=tls_server_context(pki, require_client_cert=True))
-    with_cert = TlsOptions(ca_file=pki.ca, cert_file=pki.client_cert, key_file=pki.client_key)
+    with_cert = TlsOptions(
+        ca_file=str(pki.ca), cert_file=str(pki.client_cert), key_file=str(pki.client_key)
+    )
     results = Results()
 
     send_files(tls_endpoint(server, with_cert), files, FAST, results)
     assert server.counts == Counter(uids(files))
 
     with pytest.raises(SendError) as info:  # the server insists on a client certificate
-        send_files(tls_endpoint(server, TlsOptions(ca_file=pki.ca)), files, FAST, Results())
+        send_files(tls_endpoint(server, TlsOptions(ca_file=str(pki.ca))), files, FAST, Results())
     assert server.counts == Counter(uids(files))
     assert not info.value.transient
     assert info.value.reason.startswith(f"TLS handshake with 127.0.0.1:{server.port} failed: ")
@@ -676,7 +614,7 @@ def test_tls_to_a_plain_dicom_port_fails_permanently(
     server: StorageSCP, files: list[DicomFile], pki: Pki
 ) -> None:
     with pytest.raises(SendError) as info:
-        send_files(tls_endpoint(server, TlsOptions(ca_file=pki.ca)), files, FAST, Results())
+        send_files(tls_endpoint(server, TlsOptions(ca_file=str(pki.ca))), files, FAST, Results())
     assert not info.value.transient
     assert info.value.reason.startswith(f"TLS handshake with 127.0.0.1:{server.port} failed: ")
     assert server.counts == Counter()
