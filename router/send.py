@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,41 @@ log = logging.getLogger(__name__)
 # level for it; this module logs what matters, in the router's words.
 if logging.getLogger("pynetdicom").level == logging.NOTSET:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+_THREAD_NAME = "dicom-router-association"
+"""Prefix of the names of our associations' pynetdicom threads (see `_ReportedHere`)."""
+
+_REPORTED_HERE = (
+    "Association request failed: unable to connect to remote",
+    "TCP Initialisation Error: ",
+    "Association Rejected",
+    "Result: ",
+    "Reason: ",
+    "No accepted presentation contexts",
+    "Association Aborted",
+)
+"""Beginnings of pynetdicom's ERROR lines about failures this module reports itself."""
+
+
+_requesting: ContextVar[bool] = ContextVar("dicom_router_requesting", default=False)
+"""True in a thread while it waits in `AE.associate` for one of our associations."""
+
+
+class _ReportedHere(logging.Filter):
+    """Drops pynetdicom's ERROR lines about a failed association of ours ("Association
+    Rejected", "Result: ...", "Reason: ..."): `SendError` says the same in one sentence
+    that names the destination, and the doubled lines only make a log harder to read.
+    Records of other associations (pynetdicom used by other code) pass untouched."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ours = (record.threadName or "").startswith(_THREAD_NAME) or _requesting.get()
+        if not ours:
+            return True
+        return record.levelno != logging.ERROR or not record.getMessage().startswith(_REPORTED_HERE)
+
+
+for _logger_name in ("pynetdicom.acse", "pynetdicom.transport"):
+    logging.getLogger(_logger_name).addFilter(_ReportedHere())
 
 MAX_CONTEXTS = 128
 """Presentation contexts per association: context IDs are the odd numbers 1..255."""
@@ -287,6 +323,8 @@ class _AE(AE):
     ) -> AssociationSocket:
         assoc.dul._run_loop_delay = DUL_LOOP_DELAY
         assoc._reactor_checkpoint = _Checkpoint(assoc)
+        assoc.name = f"{_THREAD_NAME}-{assoc.name}"
+        assoc.dul.name = f"{_THREAD_NAME}-dul-{assoc.dul.name}"
         if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
             # pynetdicom's per-PDU and per-message debug loggers run for every one of the
             # ~32 PDUs of a 0.5 MB image even when nothing is logged.
@@ -510,15 +548,19 @@ class _Sender:
         SendError or _NoContext if it fails.
         """
         ep = self.endpoint
-        assoc = self.ae.associate(
-            ep.host,
-            ep.port,
-            [build_context(sop, list(syntaxes)) for sop, syntaxes in contexts],
-            ae_title=ep.called_aet,
-            max_pdu=self.timeouts.max_pdu,
-            tls_args=self.tls_args,
-            evt_handlers=[(evt.EVT_ACSE_RECV, _on_acse_recv)],
-        )
+        token = _requesting.set(True)
+        try:
+            assoc = self.ae.associate(
+                ep.host,
+                ep.port,
+                [build_context(sop, list(syntaxes)) for sop, syntaxes in contexts],
+                ae_title=ep.called_aet,
+                max_pdu=self.timeouts.max_pdu,
+                tls_args=self.tls_args,
+                evt_handlers=[(evt.EVT_ACSE_RECV, _on_acse_recv)],
+            )
+        finally:
+            _requesting.reset(token)
         if assoc.is_established:
             log.debug("associated with %s, %d contexts", ep, len(contexts))
             return assoc

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import os
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -313,6 +315,28 @@ def test_connection_refused_is_transient(files: list[DicomFile]) -> None:
     assert info.value.reason == f"connection refused by 127.0.0.1:{port}"
     assert results == []
     assert our_threads() == []
+
+
+def test_pynetdicom_does_not_log_again_what_send_error_says(
+    server: StorageSCP, files: list[DicomFile], caplog: pytest.LogCaptureFixture
+) -> None:
+    """pynetdicom's own ERROR lines about our failed associations are left out; others stay."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        refused = Endpoint("127.0.0.1", s.getsockname()[1], "X", "ROUTER")
+        with caplog.at_level(logging.INFO, logger="pynetdicom"):
+            with pytest.raises(SendError):
+                send_files(refused, files, FAST, Results())
+            server.reject_next(1, transient=False)
+            with pytest.raises(SendError):
+                send_files(server.endpoint(), files, FAST, Results())
+            logging.getLogger("pynetdicom.acse").error("Association Rejected")  # not ours
+
+    errors = [r for r in caplog.records if r.name.startswith("pynetdicom") and r.levelno >= 40]
+    assert [r.getMessage() for r in errors] == ["Association Rejected"]
+    assert errors[0].threadName == threading.current_thread().name
+    infos = [r.getMessage() for r in caplog.records if r.name.startswith("pynetdicom")]
+    assert "Requesting Association" in infos  # the INFO lines are still there when asked for
 
 
 def test_no_association_response_is_an_acse_timeout(files: list[DicomFile]) -> None:
