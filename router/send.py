@@ -247,13 +247,14 @@ class _AssociationSocket(AssociationSocket):
     tcp: _TcpSocket
     conn: _Conn
     acse_received: list[Any]
-    owned: threading.Event
-    """Set while the sending thread does the C-STORE exchange itself (`_owned_socket`)."""
+    free: threading.Event
+    """Clear while the sending thread does the C-STORE exchange itself (`_owned_socket`)."""
 
     def _create_socket(self, address: AddressInformation) -> socket.socket:
         # Same as pynetdicom's, with Nagle off: it otherwise stalls each PDU by up to 40 ms.
         self.acse_received = []
-        self.owned = threading.Event()
+        self.free = threading.Event()
+        self.free.set()
         self.conn = _Conn(self.assoc.network_timeout)
         family = socket.AF_INET if address.is_ipv4 else socket.AF_INET6
         sock = _TcpSocket(family, self.conn)
@@ -272,8 +273,8 @@ class _AssociationSocket(AssociationSocket):
         The DUL thread asks this every loop turn. While owned, it is held here (up to
         `_DUL_OFF_WAIT` a turn) instead of spinning, and told there is nothing to read.
         """
-        if self.owned.is_set():
-            time.sleep(_DUL_OFF_WAIT)
+        if not self.free.is_set():
+            self.free.wait(_DUL_OFF_WAIT)
             return False
         return bool(super().ready)
 
@@ -400,14 +401,14 @@ def _owned_socket(assoc: Association, timeouts: Timeouts) -> Iterator[dimse.Stor
     """
     link = _link(assoc)
     channel = dimse.StoreChannel(link.socket, assoc.acceptor.maximum_length, timeouts.dimse)
-    link.owned.set()  # nothing is due from the peer now: we have asked for nothing yet
+    link.free.clear()  # nothing is due from the peer now: we have asked for nothing yet
     try:
         yield channel
     finally:
         assoc.dul._idle_timer.restart()
         if channel.lost:
             assoc.dul.event_queue.put("Evt17")
-        link.owned.clear()
+        link.free.set()
         deadline = time.monotonic() + _DUL_STOP_WAIT
         while channel.lost and assoc.dul.state_machine.current_state != "Sta1":
             if time.monotonic() > deadline or not assoc.dul.is_alive():

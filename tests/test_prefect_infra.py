@@ -180,7 +180,16 @@ def test_stopping_a_worker_kills_its_flow_runs(
     record_timing("worker stop with a run in progress", time.monotonic() - start)
     assert not worker.running
     assert marked_processes(worker.service.marker) == {}
-    assert not Path(f"/proc/{flow_pid}").exists()
+    assert not running(flow_pid)
+
+
+def running(pid: int) -> bool:
+    """Is `pid` a live process? A zombie (dead, its parent has not reaped it yet) is not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return stat.rsplit(b")", 1)[1].split()[0] != b"Z"
 
 
 def test_postgres_cluster(postgres: Postgres) -> None:
