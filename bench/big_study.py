@@ -21,12 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import signal
-import subprocess
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -85,43 +81,16 @@ for number, frames in enumerate(map(int, sys.argv[2:]), start=1):
 """
 
 
-def build(job: Path, code: str, args: list[str], what: str) -> Path:
-    """A cached job folder, built once in a child (the bench never imports pydicom/numpy)."""
-    if (job / rt.COMPLETE).exists():
-        return job
-    partial = job.with_name(job.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.rmtree(job, ignore_errors=True)
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    print(f"building {job} ({what}) ...", file=sys.stderr, flush=True)
-    proc = rt.spawn(
-        [sys.executable, "-c", code, str(partial), *args],
-        dict(os.environ),
-        subprocess.DEVNULL,
-        None,
-    )
-    try:
-        if proc.wait() != 0:
-            raise RuntimeError(f"building {job.name} failed (exit {proc.returncode})")
-    finally:
-        rt.stop_group(proc)
-    (partial / rt.COMPLETE).write_text(json.dumps({"what": what}) + "\n")
-    partial.rename(job)
-    print(f"built in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-    return job
-
-
 def jobs(out: Path) -> dict[str, Path]:
     made = {}
     for n in COUNTS:
-        made[f"count-{n}"] = build(
+        made[f"count-{n}"] = rt.build_job(
             out / "jobs" / f"ct{COUNT_SIZE}-{n}",
             BUILD_COUNT,
             [str(n), str(COUNT_SIZE)],
             f"{n} CT images of {COUNT_SIZE}x{COUNT_SIZE}",
         )
-    made["frames"] = build(
+    made["frames"] = rt.build_job(
         out / "jobs" / ("mf512-" + "-".join(map(str, FRAMES))),
         BUILD_FRAMES,
         [str(f) for f in FRAMES],

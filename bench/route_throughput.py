@@ -268,13 +268,22 @@ def run_child(args: Sequence[str], env: dict[str, str], log: Path) -> ChildRun:
 
 
 def ensure_job(out: Path, n: int) -> Path:
-    """The cached job of `n` CT images; built once (into a temporary name, then renamed).
+    """The cached job of `n` CT images (see `build_job`)."""
+    code = (
+        "import sys; from tests.factory import write_job; "
+        f"write_job(sys.argv[1], n_output={n}, n_input=0, rows={ROWS}, cols={COLS})"
+    )
+    return build_job(out / "jobs" / f"ct{ROWS}-{n}", code, [], f"{n} images of {ROWS}x{COLS}")
+
+
+def build_job(job: Path, code: str, args: list[str], what: str) -> Path:
+    """A cached job folder: `code` run as `python -c code PARTIAL *args` builds it once,
+    into a temporary name then renamed, so an interrupted build is never taken for a job.
 
     Built in a child process so the bench itself never imports numpy and pydicom: a forked
     child's ru_maxrss starts from its parent's RSS, and the bench must stay small for wait4's
     figure to be the router's.
     """
-    job = out / "jobs" / f"ct{ROWS}-{n}"
     if (job / COMPLETE).exists():
         return job
     partial = job.with_name(job.name + ".partial")
@@ -282,19 +291,15 @@ def ensure_job(out: Path, n: int) -> Path:
     shutil.rmtree(job, ignore_errors=True)
     partial.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    print(f"building {job} ({n} images of {ROWS}x{COLS}) ...", file=sys.stderr, flush=True)
-    code = (
-        "import sys; from tests.factory import write_job; "
-        f"write_job(sys.argv[1], n_output={n}, n_input=0, rows={ROWS}, cols={COLS})"
-    )
-    args = [sys.executable, "-c", code, str(partial)]
-    proc = spawn(args, dict(os.environ), subprocess.DEVNULL, None)  # stdout may be --json's
+    print(f"building {job} ({what}) ...", file=sys.stderr, flush=True)
+    argv = [sys.executable, "-c", code, str(partial), *args]
+    proc = spawn(argv, dict(os.environ), subprocess.DEVNULL, None)  # stdout may be --json's
     try:
         if proc.wait() != 0:
-            raise RuntimeError(f"building the job failed (exit {proc.returncode})")
+            raise RuntimeError(f"building {job.name} failed (exit {proc.returncode})")
     finally:
         stop_group(proc)
-    (partial / COMPLETE).write_text(json.dumps({"files": n, "rows": ROWS, "cols": COLS}) + "\n")
+    (partial / COMPLETE).write_text(json.dumps({"what": what}) + "\n")
     partial.rename(job)
     print(f"built in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     return job

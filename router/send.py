@@ -176,16 +176,15 @@ class _Conn:
     error: OSError | None = None
 
 
-class _TcpSocket(socket.socket):
-    """TCP socket that records why connect() failed and keeps reads bounded and fast."""
+class _Tracked:
+    """What our TCP and TLS sockets add: why connect() failed, a network time-out that
+    pynetdicom cannot clear, and an acknowledgement on every read (TCP_QUICKACK)."""
 
-    def __init__(self, family: int, conn: _Conn) -> None:
-        super().__init__(family, socket.SOCK_STREAM)
-        self.conn = conn
+    conn: _Conn
 
     def connect(self, address: Any) -> None:
         try:
-            super().connect(address)
+            super().connect(address)  # type: ignore[misc]  # TLS: TCP, then the handshake
         except OSError as exc:
             self.conn.error = exc
             raise
@@ -194,18 +193,33 @@ class _TcpSocket(socket.socket):
     def settimeout(self, value: float | None) -> None:
         # pynetdicom clears the time-out after connecting, so a peer that stops mid-PDU
         # would block the DUL thread (and our abort of it) forever; keep the network one.
-        super().settimeout(self.conn.network_timeout if value is None else value)
+        timeout = self.conn.network_timeout if value is None else value
+        super().settimeout(timeout)  # type: ignore[misc]
 
-    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+    def recv(self, bufsize: int = 1024, flags: int = 0) -> bytes:
         if QUICKACK:
-            self.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-        return super().recv(bufsize, flags)
+            self.setsockopt(  # type: ignore[attr-defined]
+                socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1
+            )
+        try:
+            return super().recv(bufsize, flags)  # type: ignore[misc,no-any-return]
+        except ssl.SSLError as exc:
+            # With TLS 1.3 a server refuses our certificate only after the handshake, in
+            # an alert that arrives here: keep it to say why the association failed.
+            self.conn.error = exc
+            raise
 
 
-class _TlsSocket(ssl.SSLSocket):
-    """What `_TcpSocket` is, for the TLS socket pynetdicom wraps around it."""
+class _TcpSocket(_Tracked, socket.socket):
+    """The association's TCP socket (see `_Tracked`)."""
 
-    conn: _Conn
+    def __init__(self, family: int, conn: _Conn) -> None:
+        super().__init__(family, socket.SOCK_STREAM)
+        self.conn = conn
+
+
+class _TlsSocket(_Tracked, ssl.SSLSocket):
+    """The TLS socket pynetdicom wraps around a `_TcpSocket` (see `_Tracked`)."""
 
     @classmethod
     def _create(cls, sock: socket.socket, *args: Any, **kwargs: Any) -> _TlsSocket:
@@ -213,28 +227,6 @@ class _TlsSocket(ssl.SSLSocket):
         tls = super()._create(sock, *args, **kwargs)  # type: ignore[misc]
         tls.conn = conn
         return tls
-
-    def connect(self, address: Any) -> None:
-        try:
-            super().connect(address)  # TCP connect, then the TLS handshake
-        except OSError as exc:
-            self.conn.error = exc
-            raise
-        self.conn.connected = True
-
-    def settimeout(self, value: float | None) -> None:
-        super().settimeout(self.conn.network_timeout if value is None else value)
-
-    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
-        if QUICKACK:
-            self.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-        try:
-            return super().recv(buflen, flags)
-        except ssl.SSLError as exc:
-            # With TLS 1.3 a server refuses our certificate only after the handshake, in
-            # an alert that arrives here: keep it to say why the association failed.
-            self.conn.error = exc
-            raise
 
 
 class _AssociationSocket(AssociationSocket):
@@ -508,10 +500,18 @@ def _reason(text: str) -> str:
     return text[:1].lower() + text[1:]
 
 
+def _aborted_by(source: int, endpoint: Endpoint, during: str) -> str:
+    who = "the peer" if source == 0 else "the peer's DICOM provider"
+    return f"association aborted by {who} ({endpoint.key}) {during}"
+
+
+def _dimse_timed_out(op: str, timeouts: Timeouts) -> str:
+    return f"no {op} response within {_secs(timeouts.dimse)} (DIMSE time-out); association aborted"
+
+
 def _abort_text(primitive: Any, endpoint: Endpoint, during: str) -> str | None:
     if isinstance(primitive, A_ABORT):
-        who = "the peer" if primitive.abort_source == 0 else "the peer's DICOM provider"
-        return f"association aborted by {who} ({endpoint.key}) {during}"
+        return _aborted_by(primitive.abort_source, endpoint, during)
     if isinstance(primitive, A_P_ABORT):
         return f"connection to {endpoint.key} lost {during} (A-P-ABORT)"
     return None
@@ -758,13 +758,11 @@ class _Sender:
         """Why the owned connection cannot go on, in the words of `_abort_text`."""
         key, during = self.endpoint.key, exc.during
         if isinstance(exc, dimse.PeerAborted):
-            who = "the peer" if exc.source == 0 else "the peer's DICOM provider"
-            return f"association aborted by {who} ({key}) {during}"
+            return _aborted_by(exc.source, self.endpoint, during)
         if isinstance(exc, dimse.ConnectionLost):
             return f"connection to {key} lost {during}: {exc.detail}"
         if isinstance(exc, dimse.NoResponse):
-            timeout = _secs(self.timeouts.dimse)
-            return f"no C-STORE response within {timeout} (DIMSE time-out); association aborted"
+            return _dimse_timed_out("C-STORE", self.timeouts)
         return f"no valid C-STORE response from {key}: {exc.detail}; association aborted"
 
     def _converted(self, f: DicomFile) -> Dataset | None:
@@ -839,7 +837,7 @@ class _Sender:
         if text:
             return text
         if dimse is not None and waited >= dimse * 0.95:
-            return f"no {op} response within {_secs(dimse)} (DIMSE time-out); association aborted"
+            return _dimse_timed_out(op, self.timeouts)
         return f"no valid {op} response from {ep.key}; association aborted"
 
 
