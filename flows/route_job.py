@@ -19,29 +19,31 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run, task_run
-from prefect.states import State
+from prefect.states import Cancelled, Failed, State
 
 from flows.concurrency import destination_slot, ensure_destination_limit
 from flows.config_source import resolve_config
 from router import routing_log
 from router.config import RoutingConfig, RuleSpec, SendEntry
-from router.job import Job, load_job
+from router.job import Job, JobInvalid, JobWaiting, load_job
+from router.lock import JobLocked
 from router.model import DicomFile, Endpoint
 from router.parallel import associations_for
 from router.record import Record
 from router.report import Delivery, JobReport
 from router.route import (
     Attempt,
+    already_there,
     attempt_once,
     current_progress,
     make_error_report,
-    missing,
+    note_unsendable,
     run_job,
     scan_tags,
     summarize,
 )
 from router.rules import RuleMatch, match_rules
-from router.select import Scan, Selection, scan, select
+from router.select import Scan, Selection, Unsendable, scan, select
 from router.settings import Settings
 
 
@@ -98,8 +100,10 @@ def error_report_task(job: Job, settings: Settings) -> DicomFile | None:
 
 
 @task(name="select-files", cache_policy=NO_CACHE)
-def select_task(files: Sequence[DicomFile], which: Any) -> Selection:
-    return select(files, which)
+def select_task(
+    files: Sequence[DicomFile], which: Any, unsendable: Sequence[Unsendable] = ()
+) -> Selection:
+    return select(files, which, unsendable)
 
 
 def _transient_only(task: Any, run: Any, state: State) -> bool:
@@ -163,12 +167,26 @@ class FlowSteps:
 
     def select(self, rule: RuleSpec, entry: SendEntry, scan: Scan) -> Selection:
         name = f"select {rule.index}.{entry.index} {entry.destination.AETitleTo}"
-        return select_task.with_options(task_run_name=name)(scan.files, entry.destination.which)
+        return select_task.with_options(task_run_name=name)(
+            scan.files, entry.destination.which, scan.unsendable
+        )
 
     def deliver(
-        self, rule: RuleSpec, entry: SendEntry, endpoint: Endpoint, files: Sequence[DicomFile]
+        self,
+        rule: RuleSpec,
+        entry: SendEntry,
+        endpoint: Endpoint,
+        files: Sequence[DicomFile],
+        unsendable: Sequence[Unsendable] = (),
     ) -> Delivery:
-        already = len(files) - len(missing(self.record, endpoint, files, self.force))
+        done_before = already_there(self.record, endpoint, files, self.force)
+        note_unsendable(self.record, endpoint, unsendable)
+        if not files:  # only files that cannot go: nothing to send
+            delivery = summarize(
+                self.record, endpoint, files, done_before, 0, 0.0, None, self.force, unsendable
+            )
+            routing_log.entry(self.job, rule, entry, delivery)
+            return delivery
         size = entry.destination.max_associations or self.settings.max_associations
         if endpoint.key not in self.limits:
             self.limits[endpoint.key] = ensure_destination_limit(endpoint, size)
@@ -202,11 +220,12 @@ class FlowSteps:
             self.record,
             endpoint,
             files,
-            self.force,
-            already,
+            done_before,
             attempts,
             time.monotonic() - start,
             last,
+            self.force,
+            unsendable,
         )
         routing_log.entry(self.job, rule, entry, delivery)
         return delivery
@@ -228,7 +247,9 @@ def _markdown(report: JobReport) -> str:
         if not rule.applied:
             lines.append(f'- rule {rule.index} "{rule.name}": not applied ({rule.why_not})')
     for folder, skipped in report.skipped_files.items():
-        lines.append(f"- {len(skipped)} non-DICOM or unreadable file(s) in {folder} skipped")
+        lines.append(
+            f"- {len(skipped)} file(s) in {folder} skipped (not instances, or links not followed)"
+        )
     return "\n\n".join(lines)
 
 
@@ -241,23 +262,29 @@ def route_job_flow(
     port: int | None = None,
     log_file: str | None = None,
     origin: str = "prefect",
-) -> dict[str, Any]:
+) -> dict[str, Any] | State:
     """Route one job folder; the run fails when any rule fails.
+
+    Ends Completed (routed), Failed (a rule failed, or the run could not route: a full
+    disk, a bug), Failed named Invalid, or Cancelled named Waiting or Locked.
 
     Parameters left empty come from the worker's `DICOM_ROUTER_*` environment.
     """
     overrides = {"config": config, "me": me, "port": port, "log_file": log_file}
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     cfg = resolve_config(settings)
-    report = run_job(
-        job_dir,
-        settings,
-        force=force,
-        origin=origin,
-        load=load_job_task,
-        match=lambda job: match_rules_task(cfg, job),
-        steps_for=lambda job, record: FlowSteps(job, cfg, settings, record, force),
-    )
+    try:
+        report = run_job(
+            job_dir,
+            settings,
+            force=force,
+            origin=origin,
+            load=load_job_task,
+            match=lambda job: match_rules_task(cfg, job),
+            steps_for=lambda job, record: FlowSteps(job, cfg, settings, record, force),
+        )
+    except (JobInvalid, JobWaiting, JobLocked) as exc:
+        return ending_state(exc)
     create_table_artifact(
         key=_artifact_key(report.job),
         table=report.rows() or [{"outcome": "no rule applied"}],
@@ -266,6 +293,24 @@ def route_job_flow(
     if report.state == "failed":
         raise RoutingFailed(report)
     return report.to_dict()
+
+
+ENDING_NAMES: dict[type[Exception], str] = {
+    JobInvalid: "Invalid",
+    JobWaiting: "Waiting",
+    JobLocked: "Locked",
+}
+"""State names of runs that did not route for a reason other than a failed send, so the
+UI, a deployed sweep and automations tell them apart from a Failed run."""
+
+
+def ending_state(exc: JobInvalid | JobWaiting | JobLocked) -> State:
+    """Invalid is Failed (a person must fix the job); a job still waiting for its
+    computation, or routed by another run right now, is Cancelled: nothing went wrong.
+    Calling the flow still raises `exc`."""
+    name = ENDING_NAMES[type(exc)]
+    make = Failed if isinstance(exc, JobInvalid) else Cancelled
+    return make(name=name, message=str(exc), data=exc)
 
 
 def run_route_job(

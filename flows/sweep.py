@@ -19,11 +19,10 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.route_job import RoutingFailed, route_job_flow
-from router.job import JobInvalid, JobWaiting
-from router.lock import JobLocked
 from router.settings import Settings
 from router.sweep import SweepPlan, mark_given_up, plan_sweep
 
@@ -32,6 +31,9 @@ MAX_PARALLEL_CAP = 32
 """Threads the sweep's task runner has; `max_parallel` bounds how many are used."""
 
 Outcome = Literal["routed", "failed", "invalid", "waiting", "locked", "error"]
+NOT_A_FAILURE = ("routed", "locked", "waiting")
+"""Outcomes that do not make a sweep fail: a job another run routes right now, or one
+whose computation is still running, is no failure of routing."""
 
 
 @task(name="plan-sweep", cache_policy=NO_CACHE)
@@ -52,6 +54,24 @@ def plan_task(root: Path, settings: Settings) -> SweepPlan:
     return plan
 
 
+def classify(state: State | None) -> tuple[Outcome, str | None]:
+    """How a `route-job` run ended, from its state alone: the same for a run in this
+    process and one a worker ran from the deployment."""
+    if state is None:
+        return "error", "no state"
+    if state.is_completed():
+        return "routed", None
+    outcome = _BY_NAME.get(state.name or "")
+    if outcome is not None:
+        return outcome, state.message
+    if state.is_failed() or state.is_crashed():
+        return "failed", state.message
+    return "error", f"{state.name}: {state.message}"
+
+
+_BY_NAME: dict[str, Outcome] = {"Invalid": "invalid", "Waiting": "waiting", "Locked": "locked"}
+
+
 @task(name="route", task_run_name="route {job_dir.name}", cache_policy=NO_CACHE)
 def route_one(
     job_dir: Path, parameters: dict[str, Any], dispatch: str
@@ -63,24 +83,15 @@ def route_one(
         run = run_deployment(
             ROUTE_DEPLOYMENT, parameters={"job_dir": str(job_dir), **parameters}, timeout=None
         )
-        state = run.state
-        if state is not None and state.is_completed():
-            return "routed", None
-        message = state.message if state is not None else "no state"
-        return ("failed" if state is not None and state.is_failed() else "error"), message
+        return classify(run.state)
     state = route_job_flow(job_dir=str(job_dir), **parameters, return_state=True)
-    if state.is_completed():
-        return "routed", None
-    error = state.result(raise_on_failure=False)
+    outcome, message = classify(state)
+    error = state.result(raise_on_failure=False) if not state.is_completed() else None
     if isinstance(error, RoutingFailed):
-        return "failed", error.report.reason()
-    if isinstance(error, JobInvalid):
-        return "invalid", str(error)
-    if isinstance(error, JobWaiting):
-        return "waiting", str(error)
-    if isinstance(error, JobLocked):
-        return "locked", str(error)
-    return "error", f"{type(error).__name__}: {error}"
+        message = error.report.reason()
+    elif isinstance(error, Exception) and outcome in ("invalid", "waiting", "locked"):
+        message = str(error)
+    return outcome, message
 
 
 @flow(
@@ -135,7 +146,7 @@ def sweep_unrouted_flow(
         table=report["jobs"] or [{"job": "", "outcome": "nothing to route"}],
         description=f"sweep of `{root_path}`: {report['counts']}",
     )
-    tried_not_routed = [j for j in report["jobs"] if j["outcome"] not in ("routed", "locked")]
+    tried_not_routed = [j for j in report["jobs"] if j["outcome"] not in NOT_A_FAILURE]
     if tried_not_routed:
         raise SweepFailed(report)
     return report
@@ -145,7 +156,7 @@ class SweepFailed(Exception):
     """Some job the sweep tried was not routed."""
 
     def __init__(self, report: dict[str, Any]) -> None:
-        failed = [j for j in report["jobs"] if j["outcome"] not in ("routed", "locked")]
+        failed = [j for j in report["jobs"] if j["outcome"] not in NOT_A_FAILURE]
         super().__init__(
             f"{len(failed)} job(s) not routed: "
             + "; ".join(f"{j['job']}: {j['outcome']}: {j['reason']}" for j in failed[:5])

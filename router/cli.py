@@ -20,13 +20,15 @@ import typer
 from pydantic import ValidationError
 
 from router.config import ConfigError, RoutingConfig, load_config
-from router.job import JobInvalid, JobWaiting, load_job
+from router.job import JobFailed, JobInvalid, JobWaiting, load_job
 from router.lock import JobLocked
 from router.model import Endpoint, SendError
 from router.routing_log import LogFileError
 from router.settings import Settings
 
 EXIT_ROUTED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NOT_READY = 0, 1, 2, 3
+_LISTED = 5
+"""Failed files listed per entry by `route` (all of them: --json)."""
 
 app = typer.Typer(
     add_completion=False,
@@ -94,13 +96,17 @@ def route(
     settings = make_settings(config=config, me=me, port=port, log_file=log_file)
     if settings.config is not None:
         read_config(settings)  # refuse a bad file before starting Prefect
-    job_path = job_dir.absolute()
-    if not job_path.is_dir():
-        err(f"{job_path}: not a job folder (no such directory)")
-        raise typer.Exit(EXIT_BAD_INPUT)
-    if not (job_path / "proc.json").exists():
-        err(f"{job_path}: not ready: no proc.json yet, the computation has not finished")
-        raise typer.Exit(EXIT_NOT_READY)
+    from router.route import precheck
+
+    try:
+        # refused before Prefect starts, recorded as the flow would record it
+        job_path = precheck(job_dir, settings)
+    except JobWaiting as exc:
+        err(f"not ready: {exc}")
+        raise typer.Exit(EXIT_NOT_READY) from None
+    except (JobInvalid, LogFileError) as exc:
+        err(str(exc))
+        raise typer.Exit(EXIT_BAD_INPUT) from None
 
     from flows.route_job import RoutingFailed, run_route_job
 
@@ -110,6 +116,9 @@ def route(
             report = run_route_job(job_path, settings, force=force, origin="cli")
     except RoutingFailed as exc:
         report, code = exc.report.to_dict(), EXIT_FAILED
+    except JobFailed as exc:
+        err(str(exc))
+        raise typer.Exit(EXIT_FAILED) from None
     except (JobWaiting, JobLocked) as exc:
         err(f"not ready: {exc}")
         raise typer.Exit(EXIT_NOT_READY) from None
@@ -165,10 +174,18 @@ def _print_report(report: dict[str, Any]) -> None:
             typer.echo(f"    {e['pattern']!r} → {e['destination']}: {state}: {counts}")
             if e["reason"]:
                 typer.echo(f"      reason: {e['reason']}")
+            failures = d.get("failures") or []
+            for failure in failures[:_LISTED]:
+                status = f" [{failure['status']}]" if failure.get("status") else ""
+                typer.echo(f"      ✗ {failure['file']}{status}: {failure['reason']}")
+            if d.get("failed", 0) > min(len(failures), _LISTED):
+                typer.echo(f"      ✗ ... {d['failed'] - min(len(failures), _LISTED)} more")
     if report["not_evaluated_rules"]:
         typer.echo(f"  rules not evaluated after a break: {report['not_evaluated_rules']}")
     for folder, skipped in report["skipped_files"].items():
-        typer.echo(f"  {len(skipped)} file(s) in {folder} skipped (not DICOM or unreadable)")
+        typer.echo(
+            f"  {len(skipped)} file(s) in {folder} skipped (not instances, or links not followed)"
+        )
 
 
 @app.command()

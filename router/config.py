@@ -193,6 +193,11 @@ class Destination(BaseModel):
     @classmethod
     def _which_not_empty(cls, value: list[dict[str, str]] | None) -> list[dict[str, str]] | None:
         if value is not None:
+            if not value:
+                raise ValueError(
+                    "an empty list selects no file (a file is sent when it satisfies at least "
+                    "one of its objects): leave which out to send every file"
+                )
             for i, entry in enumerate(value):
                 if not entry:
                     raise ValueError(f"which[{i}] is empty: name at least one tag")

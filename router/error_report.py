@@ -50,6 +50,7 @@ from pydicom.uid import (
 from pydicom.valuerep import PersonName
 
 from router.job import PROC, Job
+from router.select import folder_outside, resolved
 
 __all__ = ["build_error_report", "find_reference", "report_path", "write_error_report"]
 
@@ -124,8 +125,10 @@ def _candidates(root: Path, job_real: Path) -> Iterator[Path]:
         for name in files:
             path = Path(folder, name)
             if path.is_symlink():
-                target = path.resolve()
-                if not target.is_relative_to(job_real) or not target.is_file():
+                target = resolved(path)
+                if isinstance(target, str) or not target.is_relative_to(job_real):
+                    continue
+                if not target.is_file():
                     continue
             elif not path.is_file():
                 continue
@@ -158,7 +161,7 @@ def _first_readable(job_dir: Path, skip: Path | None = None) -> tuple[Path, Data
     job_real = job_dir.resolve()
     for folder in ("INPUT", "OUTPUT"):
         root = job_dir / folder
-        if not root.is_dir():
+        if folder_outside(job_dir, folder) or not root.is_dir():
             continue
         for path in _candidates(root, job_real):
             if skip is not None and path == skip:

@@ -23,6 +23,8 @@ class EntryView:
     break_: bool
     selected: list[str] = field(default_factory=list)
     excluded: list[tuple[str, str]] = field(default_factory=list)
+    unsendable: list[tuple[str, str]] = field(default_factory=list)
+    """Files it would send that the check refuses or that cannot be read, with why."""
     already: int = 0
 
 
@@ -61,9 +63,11 @@ def explain(
                 directory = rule.RouteDirectory
                 if directory not in scans:
                     scans[directory] = scan(job.path, directory, scan_tags(config, directory))
-                sel = select(scans[directory].files, dest.which)
+                folder = scans[directory]
+                sel = select(folder.files, dest.which, folder.unsendable)
                 view.selected = [f.relpath for f in sel.selected]
                 view.excluded = [(f.relpath, why) for f, why in sel.excluded]
+                view.unsendable = [(u.relpath, u.reason) for u in sel.unsendable]
                 stored = record.stored_at(endpoint.key)
                 view.already = sum(1 for f in sel.selected if f.sop_instance_uid in stored)
             entries.append(view)
@@ -88,11 +92,17 @@ def render(
     yield f"job {job.path}"
     yield f"  called {job.called!r}, caller {job.caller!r}, success {job.success!r}"
     for folder, result in scans.items():
-        yield f"  {folder}/: {len(result.files)} DICOM file(s), {len(result.skipped)} skipped"
+        yield (
+            f"  {folder}/: {len(result.files)} DICOM file(s), {len(result.skipped)} skipped, "
+            f"{len(result.unsendable)} that cannot be sent"
+        )
         if result.note:
             yield f"    {result.note}"
         for s in result.skipped[:limit]:
             yield f"    skipped {s.relpath}: {s.reason}"
+        for u in result.unsendable[:limit]:
+            kind = "damaged" if u.permanent else "unreadable"
+            yield f"    ! {u.relpath} ({kind}): {u.reason}"
     for rule in views:
         head = f'rule {rule.index} "{rule.name}"'
         if not rule.applies:
@@ -105,7 +115,12 @@ def render(
                 yield f"{label}: pattern does not match success {job.success!r}"
                 continue
             brk = "; break: 1 (later entries only if this send fails)" if e.break_ else ""
-            if not e.selected:
+            if e.unsendable:
+                yield (
+                    f"{label}: would fail: {len(e.unsendable)} file(s) it selects cannot be "
+                    f"sent; {len(e.selected)} file(s) would go, {e.already} already there{brk}"
+                )
+            elif not e.selected:
                 yield f"{label}: no file selected, would be skipped{brk}"
             else:
                 yield (
@@ -116,6 +131,8 @@ def render(
                 yield f"      + {path}"
             if len(e.selected) > limit:
                 yield f"      + ... {len(e.selected) - limit} more"
+            for path, why in e.unsendable[:limit]:
+                yield f"      ! {path}: {why}"
             for path, why in e.excluded[:limit]:
                 yield f"      - {path}: {why}"
             if len(e.excluded) > limit:

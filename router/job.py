@@ -21,6 +21,15 @@ class JobWaiting(JobError):
     """No proc.json yet: the computation has not finished."""
 
 
+class JobFailed(JobError):
+    """The run ended outside the rules' account (a full disk, a bug); `reason` says how."""
+
+    def __init__(self, job_dir: Path, reason: str) -> None:
+        super().__init__(f"{job_dir}: routing failed: {reason}")
+        self.job_dir = job_dir
+        self.reason = reason
+
+
 class JobInvalid(JobError):
     """A job file is missing or malformed; `file` names it."""
 

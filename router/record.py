@@ -1,7 +1,7 @@
 """The routing record: what was stored where, kept in the job folder (SPEC section 5).
 
 `routing-record.jsonl` is append-only, one JSON object a line, flushed after every
-instance, so a crash loses at most the instance in flight and a torn last line is all a
+instance, so a crash loses at most the instance in flight and a torn line is all a
 kill can leave. It is what keeps a re-run (CLI, sweep, or a retry from the Prefect UI,
 which re-executes the whole flow) from sending an instance twice.
 
@@ -11,6 +11,7 @@ that a sweep over thousands of jobs reads one small file per job instead of the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,6 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
 from router.model import StoreResult
 
 RECORD = "routing-record.jsonl"
@@ -28,7 +31,15 @@ STATUS = "routing-status.json"
 
 log = logging.getLogger(__name__)
 
-State = Literal["routed", "failed", "invalid"]
+State = Literal["routed", "failed", "invalid", "waiting"]
+
+
+class RecordWriteError(OSError):
+    """The record cannot be appended to (a full disk, a read-only folder): sending stops,
+    since an instance stored without its line in the record could be sent twice."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def now() -> str:
@@ -47,24 +58,91 @@ class Status:
     given_up: bool = False
 
 
+class _StatusFile(BaseModel):
+    """`routing-status.json` as read: a job file, so checked at the edge. Unknown keys
+    (written by a newer router) are ignored; wrong types make the file unreadable."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    state: State
+    runs: int = Field(ge=0)
+    consecutive_failures: int = Field(ge=0)
+    updated: str
+    reason: str | None = None
+    given_up: bool = False
+
+    @field_validator("updated")
+    @classmethod
+    def _a_time(cls, value: str) -> str:
+        datetime.fromisoformat(value)  # sweeps compute the next try from it
+        return value
+
+
 def read_status(job_dir: Path) -> Status | None:
-    """The summary, or None when the job was never routed (or the summary is unreadable)."""
+    """The summary, or None when the job was never routed (or the summary is unreadable).
+
+    Unreadable (not JSON, wrong shape or types) is logged and treated as never routed:
+    routing the job again is safe, since the record keeps what was stored.
+    """
     path = job_dir / STATUS
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return Status(**data)
+        return Status(**_StatusFile.model_validate(data).model_dump())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, TypeError) as exc:
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'top level'}: {e['msg']}" for e in exc.errors()
+        )
+        log.warning("%s: unreadable routing status, treated as never routed: %s", path, problems)
+        return None
+    except (OSError, ValueError, TypeError, RecursionError) as exc:
         log.warning("%s: unreadable routing status, treated as never routed: %s", path, exc)
         return None
 
 
 def write_status(job_dir: Path, status: Status) -> None:
     path = job_dir / STATUS
-    tmp = path.with_name(f".{STATUS}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(asdict(status), indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{STATUS}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp")
+    try:
+        tmp.write_text(json.dumps(asdict(status), indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def update_status(job_dir: Path, state: State, reason: str | None, *, counts: bool) -> Status:
+    """Write the job's new status after a run that ended in `state`.
+
+    `counts`: the run was a routing attempt (runs + 1; a failure adds to the consecutive
+    failures that sweeps back off on and give up after). An invalid or waiting job keeps
+    its counts.
+    """
+    previous = read_status(job_dir)
+    runs = previous.runs if previous else 0
+    failures = previous.consecutive_failures if previous else 0
+    if counts:
+        runs += 1
+        failures = 0 if state == "routed" else failures + 1
+    status = Status(state, runs, failures, now(), reason)
+    write_status(job_dir, status)
+    return status
+
+
+def check_writable(job_dir: Path) -> None:
+    """Raise OSError unless this process can keep the job's record and status.
+
+    Tried for real (a file created and removed), not with os.access: that is what the
+    status and the record need, and it also holds on read-only mounts and for root.
+    """
+    probe = job_dir / f".routing-probe.{os.getpid()}.{uuid.uuid4().hex[:6]}"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    os.close(fd)
+    os.unlink(probe)
+    record = job_dir / RECORD
+    if record.exists():
+        os.close(os.open(record, os.O_WRONLY | os.O_APPEND))
 
 
 class Record:
@@ -78,27 +156,49 @@ class Record:
         # dest key -> SOPInstanceUIDs sent without an answer and not stored since
         self._unanswered: dict[str, set[str]] = {}
         self.run_id: str | None = None
+        self._torn_tail = False
         self._load()
 
     def _load(self) -> None:
-        if not self.path.exists():
+        """Read whatever a crash, a full disk or another version of the router left.
+
+        A line that is not a JSON object (torn by a kill, or garbage) is skipped with a
+        warning, wherever it is; unknown fields and events are ignored; a store line
+        without the fields it needs is skipped with a warning.
+        """
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
             return
-        with self.path.open("r", encoding="utf-8") as fh:
-            lines = fh.read().split("\n")
-        for number, line in enumerate(lines, start=1):
+        self._torn_tail = bool(raw) and not raw.endswith(b"\n")
+        for number, line in enumerate(raw.split(b"\n"), start=1):
             if not line.strip():
                 continue
             try:
                 entry = json.loads(line)
-            except json.JSONDecodeError:
-                if number >= len(lines) - 1:
-                    log.warning("%s: last line is torn (an interrupted run); ignored", self.path)
-                    continue
-                raise ValueError(f"{self.path}: line {number} is not valid JSON") from None
-            if entry.get("event") == "store":
-                self._apply(
-                    entry["dest"], entry["sop"], entry["run"], entry["stored"], entry["status"]
+            except (ValueError, RecursionError):
+                log.warning("%s: line %d is torn or not JSON; skipped", self.path, number)
+                continue
+            if not isinstance(entry, dict):
+                log.warning("%s: line %d is not a JSON object; skipped", self.path, number)
+                continue
+            if entry.get("event") != "store":
+                continue
+            dest, sop, run = entry.get("dest"), entry.get("sop"), entry.get("run")
+            stored, status = entry.get("stored"), entry.get("status")
+            if not (
+                isinstance(dest, str)
+                and isinstance(sop, str)
+                and isinstance(stored, bool)
+                and (status is None or (isinstance(status, int) and not isinstance(status, bool)))
+            ):
+                log.warning(
+                    "%s: line %d is a store line without dest, sop, stored or status; skipped",
+                    self.path,
+                    number,
                 )
+                continue
+            self._apply(dest, sop, run if isinstance(run, str) else "", stored, status)
 
     def _apply(self, dest: str, sop: str, run: str, stored: bool, status: int | None) -> None:
         if stored:
@@ -109,14 +209,33 @@ class Record:
 
     def begin(self, *, forced: bool, origin: str) -> str:
         self.run_id = uuid.uuid4().hex[:12]
-        self._fh = self.path.open("a", encoding="utf-8")
+        try:
+            self._fh = self.path.open("a", encoding="utf-8")
+        except OSError as exc:
+            raise RecordWriteError(
+                exc.errno, f"cannot write the routing record {self.path}: {exc.strerror or exc}"
+            ) from exc
+        if self._torn_tail:  # end the fragment a kill left, so our first line stands alone
+            self._raw_write("\n")
         self._write({"event": "run", "forced": forced, "origin": origin, "pid": os.getpid()})
         return self.run_id
 
     def _write(self, entry: dict[str, Any]) -> None:
         entry = {"time": now(), "run": self.run_id, **entry}
-        self._fh.write(json.dumps(entry, separators=(",", ":")) + "\n")
-        self._fh.flush()
+        self._raw_write(json.dumps(entry, separators=(",", ":")) + "\n")
+
+    def _raw_write(self, text: str) -> None:
+        try:
+            self._fh.write(text)
+            self._fh.flush()
+        except OSError as exc:
+            # What did not reach the disk may sit in the buffer: drop it, so that a later
+            # flush cannot write half a line, and say why sending must stop.
+            with contextlib.suppress(OSError):
+                self._fh.close()
+            raise RecordWriteError(
+                exc.errno, f"cannot write the routing record {self.path}: {exc.strerror or exc}"
+            ) from exc
 
     def stored_at(self, dest: str, *, this_run_only: bool = False) -> set[str]:
         """SOPInstanceUIDs the record shows as stored at `dest` (by this run only, if asked)."""
@@ -151,24 +270,38 @@ class Record:
         self._write(entry)
         self._apply(dest, sop, self.run_id or "", result.stored, result.status)
 
+    def not_sent(self, dest: str, relpath: str, reason: str, sop: str | None) -> None:
+        """Record a file the entry would send that cannot go (unreadable or damaged)."""
+        entry: dict[str, Any] = {"event": "not_sent", "dest": dest, "file": relpath}
+        if sop:
+            entry["sop"] = sop
+        entry["error"] = reason
+        self._write(entry)
+
     def end(self, state: State, reason: str | None, summary: Iterable[dict[str, Any]]) -> Status:
         """Close the run: an `end` line, the file synced, the status summary replaced."""
         self._write({"event": "end", "state": state, "reason": reason, "entries": list(summary)})
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-        previous = read_status(self.job_dir)
-        runs = (previous.runs if previous else 0) + 1
-        failures = (
-            0 if state == "routed" else (previous.consecutive_failures if previous else 0) + 1
-        )
-        status = Status(state, runs, failures, now(), reason)
-        write_status(self.job_dir, status)
-        return status
+        try:
+            os.fsync(self._fh.fileno())
+        except OSError as exc:
+            raise RecordWriteError(
+                exc.errno, f"cannot write the routing record {self.path}: {exc.strerror or exc}"
+            ) from exc
+        finally:
+            self.close()
+        return update_status(self.job_dir, state, reason, counts=True)
+
+    def abandon(self, state: State, reason: str) -> None:
+        """An `end` line for a run cut short, if the record still takes one."""
+        fh = getattr(self, "_fh", None)
+        if fh is None or fh.closed:
+            return
+        with contextlib.suppress(OSError):
+            self._write({"event": "end", "state": state, "reason": reason, "entries": []})
 
     def close(self) -> None:
         """Close without an `end` line (the run was interrupted by an exception)."""
         fh = getattr(self, "_fh", None)
         if fh and not fh.closed:
-            fh.flush()
-            fh.close()
+            with contextlib.suppress(OSError):  # a full disk: what it lost, the loader skips
+                fh.close()

@@ -87,7 +87,7 @@ class JobReport:
     rules: list[RuleOutcome] = field(default_factory=list)
     not_evaluated_rules: list[int] = field(default_factory=list)
     skipped_files: dict[str, list[dict[str, str]]] = field(default_factory=dict)
-    """Non-DICOM or unreadable files per folder, with the reason."""
+    """Files that are not instances (not DICOM, DICOMDIR) or links not followed, per folder."""
 
     @property
     def failed_rules(self) -> list[RuleOutcome]:

@@ -8,24 +8,33 @@ wraps each step in a task) run the very same branching.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from router import routing_log
 from router.config import RoutingConfig, RuleSpec, SendEntry
 from router.error_report import find_reference, report_path, write_error_report
-from router.job import Job, JobInvalid, load_job
-from router.lock import job_lock
+from router.job import PROC, Job, JobError, JobFailed, JobInvalid, JobWaiting, load_job
+from router.lock import JobLocked, job_lock
 from router.model import DicomFile, Endpoint, SendError, StoreResult, status_is_transient
-from router.record import Record, Status, now, read_status, write_status
+from router.record import (
+    Record,
+    RecordWriteError,
+    State,
+    Status,
+    check_writable,
+    now,
+    update_status,
+)
 from router.report import Delivery, EntryOutcome, JobReport, RuleOutcome
 from router.rules import RuleMatch, fullmatch, match_rules
-from router.select import Scan, Selection, read_header, scan, select
+from router.select import Scan, Selection, Unsendable, read_header, scan, select
 from router.send import send_files
 from router.settings import Settings
 
@@ -33,6 +42,8 @@ Progress = Callable[[str, int, int], None]
 """(destination, files answered so far, files to send) after each answer."""
 
 _MAX_LISTED_FAILURES = 20
+
+log = logging.getLogger(__name__)
 
 _progress: ContextVar[Progress | None] = ContextVar("router_progress", default=None)
 
@@ -52,12 +63,19 @@ def reporting_progress(callback: Progress | None) -> Iterator[None]:
 
 
 class Steps(Protocol):
+    job: Job
+
     def endpoint(self, entry: SendEntry) -> Endpoint: ...
     def error_report(self) -> DicomFile | None: ...
     def scan(self, directory: str) -> Scan: ...
     def select(self, rule: RuleSpec, entry: SendEntry, scan: Scan) -> Selection: ...
     def deliver(
-        self, rule: RuleSpec, entry: SendEntry, endpoint: Endpoint, files: Sequence[DicomFile]
+        self,
+        rule: RuleSpec,
+        entry: SendEntry,
+        endpoint: Endpoint,
+        files: Sequence[DicomFile],
+        unsendable: Sequence[Unsendable] = (),
     ) -> Delivery: ...
 
 
@@ -155,18 +173,27 @@ def summarize(
     record: Record,
     endpoint: Endpoint,
     files: Sequence[DicomFile],
-    force: bool,
-    already: int,
+    done_before: set[str],
     attempts: int,
     seconds: float,
     last: Attempt | None,
+    force: bool,
+    unsendable: Sequence[Unsendable] = (),
 ) -> Delivery:
-    """The entry's delivery as the record tells it after the last attempt."""
-    stored_now = record.stored_at(endpoint.key, this_run_only=True)
+    """The entry's delivery as the record tells it after the last attempt.
+
+    `done_before`: what counted as there when the entry began (`already_there`); an
+    instance an earlier entry of this run stored counts as already there, not as stored
+    again. Unsendable files are failures of the entry, listed first.
+    """
     uids = {f.sop_instance_uid for f in files}
+    stored_now = record.stored_at(endpoint.key, this_run_only=True) - done_before
     left = missing(record, endpoint, files, force)
-    failures = []
-    for f in left[:_MAX_LISTED_FAILURES]:
+    failures: list[dict[str, Any]] = [
+        {"file": u.relpath, "status": None, "reason": u.reason}
+        for u in unsendable[:_MAX_LISTED_FAILURES]
+    ]
+    for f in left[: max(0, _MAX_LISTED_FAILURES - len(failures))]:
         answer = last.failures.get(f.sop_instance_uid) if last else None
         failures.append(
             {
@@ -179,18 +206,39 @@ def summarize(
                 or "not sent",
             }
         )
+    reasons = []
+    if unsendable:
+        first = unsendable[0]
+        more = f" (and {len(unsendable) - 1} more)" if len(unsendable) > 1 else ""
+        reasons.append(f"{len(unsendable)} cannot be sent: {first.relpath}: {first.reason}{more}")
+    if last and left:
+        reasons.append(last.reason() or "not sent")
     return Delivery(
         destination=str(endpoint),
-        selected=len(files),
-        already=already,
+        selected=len(files) + len(unsendable),
+        already=len(uids & done_before),
         stored=len(stored_now & uids),
-        failed=len(left),
+        failed=len(left) + len(unsendable),
         attempts=attempts,
         seconds=seconds,
-        error=last.reason() if last and left else None,
-        transient=bool(last and left and last.transient),
+        error="; ".join(reasons) or None,
+        transient=bool(last and left and last.transient)
+        and not any(u.permanent for u in unsendable),
         failures=failures,
     )
+
+
+def already_there(
+    record: Record, endpoint: Endpoint, files: Sequence[DicomFile], force: bool
+) -> set[str]:
+    """The selected instances that count as delivered before an entry sends anything."""
+    done = record.stored_at(endpoint.key, this_run_only=force)
+    return {f.sop_instance_uid for f in files} & done
+
+
+def note_unsendable(record: Record, endpoint: Endpoint, unsendable: Sequence[Unsendable]) -> None:
+    for u in unsendable:
+        record.not_sent(endpoint.key, u.relpath, u.reason, u.sop_instance_uid)
 
 
 def deliver_with_retries(
@@ -201,9 +249,11 @@ def deliver_with_retries(
     force: bool,
     progress: Progress | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    unsendable: Sequence[Unsendable] = (),
 ) -> Delivery:
     """Attempt, and retry transient failures with backoff; permanent ones fail at once."""
-    already = len(files) - len(missing(record, endpoint, files, force))
+    done_before = already_there(record, endpoint, files, force)
+    note_unsendable(record, endpoint, unsendable)
     delays = settings.retry_delays()
     start = time.monotonic()
     last: Attempt | None = None
@@ -218,7 +268,9 @@ def deliver_with_retries(
         routing_log.retry(record.job_dir, endpoint, attempt, delays[attempt - 1], last.reason())
         sleep(delays[attempt - 1])
     seconds = time.monotonic() - start
-    return summarize(record, endpoint, files, force, already, attempts, seconds, last)
+    return summarize(
+        record, endpoint, files, done_before, attempts, seconds, last, force, unsendable
+    )
 
 
 # --- the rules ------------------------------------------------------------------------------
@@ -240,7 +292,13 @@ class Routing:
 
 
 def route_rules(matches: Sequence[RuleMatch], steps: Steps) -> Routing:
-    """Route every applying rule in order until a rule with break: 1 succeeds."""
+    """Route every applying rule in order until a rule with break: 1 succeeds.
+
+    A step that raises (a bug, or a file system error other than the record's) fails the
+    entries it concerns, with the error as their reason, and routing goes on with the
+    next entry (the fail-back) and the next rule: one broken step never blocks the
+    others. A record that cannot be written stops the run (`RecordWriteError`).
+    """
     routing = Routing()
     outcomes = routing.rules
     scans = routing.scans
@@ -258,45 +316,89 @@ def route_rules(matches: Sequence[RuleMatch], steps: Steps) -> Routing:
         if not match.applies:
             continue
         directory = spec.rule.RouteDirectory
-        if directory not in scans:
-            scans[directory] = steps.scan(directory)
-        folder = scans[directory]
-        report = steps.error_report() if spec.rule.error_report else None
+        broken: str | None = None  # why no entry of this rule can be evaluated
+        try:
+            if directory not in scans:
+                scans[directory] = steps.scan(directory)
+            report = steps.error_report() if spec.rule.error_report else None
+        except RecordWriteError:
+            raise
+        except Exception as exc:
+            broken = _step_failed(f"scanning {directory}/ of the job", exc)
+            report = None
+        folder = scans.get(directory, Scan(directory, ()))
         matching = match.matching
         for n, entry in enumerate(matching):
             dest = entry.destination
-            endpoint = steps.endpoint(entry)
-            selection = steps.select(spec, entry, folder)
-            if report is not None:  # goes with the results, whatever `which` selects
-                selection = Selection((*selection.selected, report), selection.excluded)
             result = EntryOutcome(
                 index=entry.index,
                 pattern=entry.pattern,
-                destination=str(endpoint),
+                destination=f"{dest.AETitleTo}@{dest.IP}:{dest.PORT}",
                 break_=dest.break_,
-                state="skipped",
-                selected=len(selection.selected),
-                excluded=len(selection.excluded),
+                state="failed",
+                reason=broken,
             )
             outcome.entries.append(result)
-            if not selection.selected:
-                result.reason = folder.note or (
-                    "no file passes the which filter" if selection.excluded else "no DICOM files"
-                )
+            if broken:
+                routing_log.entry_failed(steps.job, spec, entry, result.destination, broken)
                 continue
-            delivery = steps.deliver(spec, entry, endpoint, selection.selected)
-            result.delivery = delivery
-            result.state = "succeeded" if delivery.ok else "failed"
-            result.reason = delivery.error
-            if delivery.ok and dest.break_:
-                outcome.not_evaluated = [e.index for e in matching[n + 1 :]]
-                break
+            try:
+                if _route_entry(steps, spec, entry, folder, report, result):
+                    outcome.not_evaluated = [e.index for e in matching[n + 1 :]]
+                    break
+            except RecordWriteError:
+                raise
+            except Exception as exc:
+                result.state = "failed"
+                result.reason = _step_failed(f"sending to {result.destination}", exc)
+                routing_log.entry_failed(steps.job, spec, entry, result.destination, result.reason)
         _mark_covered(outcome.entries)
         if outcome.succeeded and spec.rule.break_:
             outcome.stopped_later_rules = True
             routing.not_evaluated_rules = [m.spec.index for m in matches[position + 1 :]]
             break
     return routing
+
+
+def _route_entry(
+    steps: Steps,
+    spec: RuleSpec,
+    entry: SendEntry,
+    folder: Scan,
+    report: DicomFile | None,
+    result: EntryOutcome,
+) -> bool:
+    """Select and deliver one entry into `result`; True when routing stops (break: 1)."""
+    endpoint = steps.endpoint(entry)
+    result.destination = str(endpoint)
+    selection = steps.select(spec, entry, folder)
+    if report is not None:  # goes with the results, whatever `which` selects
+        selection = replace(selection, selected=(*selection.selected, report))
+    result.selected = len(selection.selected) + len(selection.unsendable)
+    result.excluded = len(selection.excluded)
+    if not selection.selected and not selection.unsendable:
+        result.state = "skipped"
+        result.reason = folder.note or (
+            "no file passes the which filter" if selection.excluded else "no DICOM files"
+        )
+        return False
+    delivery = steps.deliver(spec, entry, endpoint, selection.selected, selection.unsendable)
+    result.delivery = delivery
+    result.state = "succeeded" if delivery.ok else "failed"
+    result.reason = delivery.error
+    return delivery.ok and entry.destination.break_
+
+
+def _step_failed(doing: str, exc: Exception) -> str:
+    """The reason an unexpected error gives an entry; its traceback goes to the log."""
+    if isinstance(exc, OSError):
+        text = f"{doing} failed: {exc.strerror or exc}" + (
+            f": {exc.filename}" if exc.filename else ""
+        )
+        log.error("%s", text, exc_info=exc)
+        return text
+    log.error("internal error while %s", doing, exc_info=exc)
+    return f"internal error while {doing}: {type(exc).__name__}: {exc} (a bug; see the log)"
 
 
 def _mark_covered(entries: list[EntryOutcome]) -> None:
@@ -343,10 +445,15 @@ class LocalSteps:
         return scan(self.job.path, directory, scan_tags(self.config, directory))
 
     def select(self, rule: RuleSpec, entry: SendEntry, scan: Scan) -> Selection:
-        return select(scan.files, entry.destination.which)
+        return select(scan.files, entry.destination.which, scan.unsendable)
 
     def deliver(
-        self, rule: RuleSpec, entry: SendEntry, endpoint: Endpoint, files: Sequence[DicomFile]
+        self,
+        rule: RuleSpec,
+        entry: SendEntry,
+        endpoint: Endpoint,
+        files: Sequence[DicomFile],
+        unsendable: Sequence[Unsendable] = (),
     ) -> Delivery:
         delivery = deliver_with_retries(
             self.record,
@@ -355,6 +462,7 @@ class LocalSteps:
             self.settings,
             self.force,
             self.progress or current_progress(),
+            unsendable=unsendable,
         )
         routing_log.entry(self.job, rule, entry, delivery)
         return delivery
@@ -384,13 +492,73 @@ def finish(report: JobReport, record: Record, routing: Routing) -> Status:
     return status
 
 
+def _keep_status(job_dir: Path, state: State, reason: str | None, *, counts: bool) -> None:
+    """Write the job's status; a folder that refuses it is logged, never a crash."""
+    try:
+        update_status(job_dir, state, reason, counts=counts)
+    except OSError as exc:
+        routing_log.status_not_written(job_dir, state, exc)
+
+
 def mark_invalid(job_dir: Path, error: JobInvalid) -> None:
     """Keep the reason in the job's status so sweeps and users see why it is not routed."""
-    previous = read_status(job_dir)
-    runs = previous.runs if previous else 0
-    failures = previous.consecutive_failures if previous else 0
-    write_status(job_dir, Status("invalid", runs, failures, now(), str(error)))
+    _keep_status(job_dir, "invalid", str(error), counts=False)
     routing_log.invalid(job_dir, error)
+
+
+def mark_waiting(job_dir: Path, waiting: JobWaiting) -> None:
+    _keep_status(job_dir, "waiting", str(waiting), counts=False)
+    routing_log.waiting(job_dir, waiting)
+
+
+def mark_failed(job_dir: Path, exc: BaseException, record: Record | None) -> JobFailed:
+    """A run that ended outside the rules' account: a full disk, an interruption, a bug.
+
+    It counts as a failed run (sweeps back off and give up as for any failure), with the
+    reason in the record (if it still takes a line), the status and the routing log.
+    """
+    if isinstance(exc, OSError):
+        reason = str(exc) if isinstance(exc, RecordWriteError) else _step_failed("routing", exc)
+        if isinstance(exc, RecordWriteError):
+            reason += "; sending stopped"
+    elif isinstance(exc, Exception):
+        reason = _step_failed("routing the job", exc)
+    else:
+        reason = f"interrupted ({type(exc).__name__})"
+    if record is not None:
+        record.abandon("failed", reason)
+    _keep_status(job_dir, "failed", reason, counts=True)
+    routing_log.failed(job_dir, reason)
+    return JobFailed(job_dir, reason)
+
+
+def precheck(job_dir: Path | str, settings: Settings) -> Path:
+    """What `run_job` refuses first, without starting anything: a missing or unwritable
+    folder (JobInvalid) and a job whose computation has not finished (JobWaiting), each
+    recorded as `run_job` records it. Returns the job folder's absolute path."""
+    path = Path(job_dir).absolute()
+    if not path.is_dir():
+        raise JobInvalid(path, "not a job folder (no such directory)")
+    with routing_log.writing_to(settings.log_file):
+        _check_writable(path)
+        if not (path / PROC).exists():
+            waiting = JobWaiting(f"{path}: no {PROC} yet, the computation has not finished")
+            mark_waiting(path, waiting)
+            raise waiting
+    return path
+
+
+def _check_writable(path: Path) -> None:
+    try:
+        check_writable(path)
+    except OSError as exc:
+        error = JobInvalid(
+            path,
+            f"the job folder is not writable ({exc.strerror or exc}): routing keeps its "
+            "record and status there; fix its permissions, then route it again",
+        )
+        mark_invalid(path, error)
+        raise error from None
 
 
 def run_job(
@@ -405,24 +573,62 @@ def run_job(
 ) -> JobReport:
     """One routing of a job: lock, load, record, rules, report; the same for every caller.
 
-    Raises JobWaiting, JobInvalid (after recording it in the job's status) or JobLocked.
+    This is the one place that decides how a job ends (SPEC section 1). It returns the
+    report of a job that was routed or failed by its rules, or raises one of: JobWaiting,
+    JobInvalid (also for a folder this process cannot write), JobLocked, JobFailed (a
+    full disk, an interruption, a bug). Each has left its state in the job's status file
+    (locked: the other run does) and a line in the routing log before it is raised;
+    nothing else escapes.
     """
     path = Path(job_dir).absolute()
     if not path.is_dir():
         raise JobInvalid(path, "not a job folder (no such directory)")
-    with routing_log.writing_to(settings.log_file), job_lock(path):
+    with routing_log.writing_to(settings.log_file):
+        _check_writable(path)
+        try:
+            with job_lock(path):
+                return _run_locked(path, force, origin, load, match, steps_for)
+        except JobLocked as exc:
+            routing_log.locked(path, exc)
+            raise
+        except JobError:
+            raise
+        except OSError as exc:  # the lock itself (e.g. no locking on this file system)
+            raise mark_failed(path, exc, None) from exc
+
+
+def _run_locked(
+    path: Path,
+    force: bool,
+    origin: str,
+    load: Callable[[Path], Job],
+    match: Callable[[Job], Sequence[RuleMatch]],
+    steps_for: Callable[[Job, Record], Steps],
+) -> JobReport:
+    record: Record | None = None
+    try:
         try:
             job = load(path)
+        except JobWaiting as exc:
+            mark_waiting(path, exc)
+            raise
         except JobInvalid as exc:
             mark_invalid(path, exc)
             raise
         record = Record(job.path)
         record.begin(forced=force, origin=origin)
-        try:
-            report = new_report(job, record, force)
-            finish(report, record, route_rules(match(job), steps_for(job, record)))
-            return report
-        finally:
+        report = new_report(job, record, force)
+        finish(report, record, route_rules(match(job), steps_for(job, record)))
+        return report
+    except JobError:
+        raise
+    except BaseException as exc:
+        failed = mark_failed(path, exc, record)
+        if not isinstance(exc, Exception):
+            raise  # Ctrl-C, cancellation: recorded, and on its way
+        raise failed from exc
+    finally:
+        if record is not None:
             record.close()
 
 

@@ -9,8 +9,10 @@ grep and awk can read.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +31,32 @@ class LogFileError(OSError):
     """The routing log cannot be written; routing refuses rather than run unlogged."""
 
 
+_writing_to: ContextVar[Path | None] = ContextVar("routing_log_path", default=None)
+"""The routing log of the run in this context (thread, task): whose lines go where."""
+
+_handlers_lock = threading.Lock()
+
+
+class _RunLogFile(logging.FileHandler):
+    """One routing log file, shared by the runs of this process that write to it.
+
+    Runs in one process (the sweep's parallel jobs, a warm worker) share the
+    `router.routing` logger; each line goes only to the file of the run that logged it,
+    told by the context, so that no line is lost or written to another site's log.
+    """
+
+    def __init__(self, path: Path) -> None:
+        # backslashreplace: a file name that is not UTF-8 (a surrogate escape) is written
+        # as \udcxx instead of the whole line being dropped
+        super().__init__(path, encoding="utf-8", errors="backslashreplace")
+        self.path = path
+        self.users = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if _writing_to.get() == self.path:
+            super().emit(record)
+
+
 @contextmanager
 def writing_to(path: Path) -> Iterator[None]:
     """Write the routing log to `path` for the duration of one routing run.
@@ -37,26 +65,52 @@ def writing_to(path: Path) -> Iterator[None]:
     process (tests, a worker serving several sites) each write only their own lines.
     """
     path = Path(path).absolute()
-    if any(Path(getattr(h, "baseFilename", "")) == path for h in logger.handlers):
-        yield  # a logging configuration (deployments/logging.yml) writes it already
-        return
+    token = _writing_to.set(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(path, encoding="utf-8")
-    except OSError as exc:
-        raise LogFileError(
-            f"cannot write the routing log {path}: {exc.strerror or exc} "
-            "(set --log-file or DICOM_ROUTER_LOG_FILE)"
-        ) from None
-    handler.setFormatter(logging.Formatter(FORMAT))
-    logger.addHandler(handler)
-    if logger.level == logging.NOTSET or logger.level > logging.INFO:
-        logger.setLevel(logging.INFO)
-    try:
-        yield
+        configured = any(
+            Path(getattr(h, "baseFilename", "")) == path and not isinstance(h, _RunLogFile)
+            for h in logger.handlers
+        )
+        if configured:
+            yield  # a logging configuration (deployments/logging.yml) writes it already
+            return
+        handler = _acquire(path)
+        try:
+            yield
+        finally:
+            _release(handler)
     finally:
-        logger.removeHandler(handler)
-        handler.close()
+        _writing_to.reset(token)
+
+
+def _acquire(path: Path) -> _RunLogFile:
+    with _handlers_lock:
+        for h in logger.handlers:
+            if isinstance(h, _RunLogFile) and h.path == path:
+                h.users += 1
+                return h
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handler = _RunLogFile(path)
+        except OSError as exc:
+            raise LogFileError(
+                f"cannot write the routing log {path}: {exc.strerror or exc} "
+                "(set --log-file or DICOM_ROUTER_LOG_FILE)"
+            ) from None
+        handler.setFormatter(logging.Formatter(FORMAT))
+        handler.users = 1
+        logger.addHandler(handler)
+        if logger.level == logging.NOTSET or logger.level > logging.INFO:
+            logger.setLevel(logging.INFO)
+        return handler
+
+
+def _release(handler: _RunLogFile) -> None:
+    with _handlers_lock:
+        handler.users -= 1
+        if handler.users == 0:
+            logger.removeHandler(handler)
+            handler.close()
 
 
 def _q(value: object) -> str:
@@ -85,6 +139,19 @@ def entry(job: Job, rule: RuleSpec, entry: SendEntry, delivery: Delivery) -> Non
             outcome="succeeded" if delivery.ok else "failed",
             reason=delivery.error,
         ),
+    )
+
+
+def entry_failed(job: Job, rule: RuleSpec, entry: SendEntry, destination: str, reason: str) -> None:
+    logger.warning(
+        _line(
+            job=job.path,
+            rule=f"{rule.index}:{rule.name}",
+            entry=entry.index,
+            dest=destination,
+            outcome="failed",
+            reason=reason,
+        )
     )
 
 
@@ -120,4 +187,27 @@ def job_done(report: JobReport) -> None:
 
 
 def invalid(job_dir: Path, error: JobInvalid) -> None:
-    logger.error(_line(job=job_dir, outcome="invalid", reason=str(error)))
+    logger.error(_line(job=job_dir, outcome="invalid", reason=error.problem))
+
+
+def waiting(job_dir: Path, reason: object) -> None:
+    logger.info(_line(job=job_dir, outcome="waiting", reason="no proc.json yet"))
+
+
+def locked(job_dir: Path, reason: object) -> None:
+    logger.info(_line(job=job_dir, outcome="locked", reason=str(reason)))
+
+
+def failed(job_dir: Path, reason: str) -> None:
+    logger.error(_line(job=job_dir, outcome="failed", reason=reason))
+
+
+def status_not_written(job_dir: Path, state: str, exc: OSError) -> None:
+    logger.error(
+        _line(
+            job=job_dir,
+            outcome="status-not-written",
+            state=state,
+            reason=f"cannot write routing-status.json: {exc.strerror or exc}",
+        )
+    )

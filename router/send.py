@@ -560,6 +560,13 @@ class _Sender:
                 tls_args=self.tls_args,
                 evt_handlers=[(evt.EVT_ACSE_RECV, _on_acse_recv)],
             )
+        except OSError as exc:
+            # Before any connection: the host name does not resolve (socket.gaierror), or
+            # no socket could be made. Transient: DNS outages end, typos are seen in the log.
+            reason, transient = _connect_failure(ep, exc, self.timeouts)
+            raise SendError(reason, transient=transient) from exc
+        except UnicodeError as exc:  # a label of over 63 characters: no name at all
+            raise SendError(f"invalid host name {ep.host!r}: {exc}", transient=False) from exc
         finally:
             _requesting.reset(token)
         if assoc.is_established:

@@ -7,6 +7,7 @@ at most the small `routing-status.json`; never the record or the DICOM files.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -15,6 +16,8 @@ from pathlib import Path
 
 from router.job import INFO, PROC
 from router.record import STATUS, Status, read_status, write_status
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -58,8 +61,12 @@ def _parse(stamp: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
+JOB_MARKERS = frozenset({INFO, PROC, "INPUT", "OUTPUT"})
+"""Names that make a folder a job folder: without info.json it is an invalid one."""
+
+
 def find_jobs(root: Path) -> Iterator[tuple[Path, set[str]]]:
-    """Every folder under `root` that holds an info.json, with the names in it.
+    """Every folder under `root` that holds info.json, proc.json, INPUT/ or OUTPUT/.
 
     Job folders are not descended into (their INPUT/OUTPUT trees can be large), and
     hidden folders are passed over.
@@ -72,49 +79,85 @@ def find_jobs(root: Path) -> Iterator[tuple[Path, set[str]]]:
         except OSError:
             continue
         names = {e.name for e in entries}
-        if INFO in names:
+        if names & JOB_MARKERS:
             yield Path(folder), names
             continue
         stack.extend(
             e.path
             for e in sorted(entries, key=lambda e: e.name, reverse=True)
-            if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")
+            if _is_folder(e) and not e.name.startswith(".")
         )
+
+
+def _is_folder(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
 
 
 def _changed_since(job: Path, status_path: Path) -> bool:
     """Was info.json or proc.json written after the status (an invalid job fixed)?"""
     try:
         stamp = status_path.stat().st_mtime
-        return any((job / name).stat().st_mtime > stamp for name in (INFO, PROC))
-    except FileNotFoundError:
+    except OSError:
         return True
+    for name in (INFO, PROC):
+        try:
+            if (job / name).stat().st_mtime > stamp:
+                return True
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return True
+    return False
+
+
+NOT_WRITABLE = (
+    "the job folder is not writable: routing keeps its record and status there; fix its permissions"
+)
+
+
+def _plan_one(plan: SweepPlan, job: Path, names: set[str], backoff: Backoff, now: datetime) -> None:
+    if PROC not in names:
+        plan.waiting.append(job)
+        return
+    status = read_status(job) if STATUS in names else None
+    if status is not None and status.state == "routed":
+        plan.routed += 1
+        return
+    if not os.access(job, os.W_OK | os.X_OK):
+        plan.invalid.append((job, NOT_WRITABLE))
+        return
+    if status is None or status.state == "waiting":
+        plan.due.append(job)
+    elif status.state == "invalid":
+        if _changed_since(job, job / STATUS):
+            plan.due.append(job)
+        else:
+            plan.invalid.append((job, status.reason or "invalid"))
+    elif status.given_up or status.consecutive_failures >= backoff.max_failures:
+        plan.given_up.append((job, status.reason or "failed"))
+    elif now >= backoff.next_try(status):
+        plan.due.append(job)
+    else:
+        plan.backing_off.append((job, backoff.next_try(status)))
 
 
 def plan_sweep(root: Path, backoff: Backoff, now: datetime | None = None) -> SweepPlan:
-    """Sort every job under `root` by what a sweep does with it; nothing is written."""
+    """Sort every job under `root` by what a sweep does with it; nothing is written.
+
+    One job that cannot be planned (an unexpected error) is routed, which records why,
+    rather than stopping the sweep of all the others.
+    """
     now = now or datetime.now(timezone.utc)
     plan = SweepPlan()
     for job, names in find_jobs(root):
-        if PROC not in names:
-            plan.waiting.append(job)
-            continue
-        status = read_status(job) if STATUS in names else None
-        if status is None:
+        try:
+            _plan_one(plan, job, names, backoff, now)
+        except Exception:
+            log.exception("%s: cannot tell what the sweep should do; routing it", job)
             plan.due.append(job)
-        elif status.state == "routed":
-            plan.routed += 1
-        elif status.state == "invalid":
-            if _changed_since(job, job / STATUS):
-                plan.due.append(job)
-            else:
-                plan.invalid.append((job, status.reason or "invalid"))
-        elif status.given_up or status.consecutive_failures >= backoff.max_failures:
-            plan.given_up.append((job, status.reason or "failed"))
-        elif now >= backoff.next_try(status):
-            plan.due.append(job)
-        else:
-            plan.backing_off.append((job, backoff.next_try(status)))
     return plan
 
 
@@ -126,5 +169,8 @@ def mark_given_up(job: Path, backoff: Backoff) -> Status | None:
     if status.consecutive_failures < backoff.max_failures:
         return status
     given_up = replace(status, given_up=True)
-    write_status(job, given_up)
+    try:
+        write_status(job, given_up)
+    except OSError as exc:
+        log.error("%s: cannot record that sweeps gave it up: %s", job, exc.strerror or exc)
     return given_up

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     UID,
@@ -27,7 +29,7 @@ from pydicom.uid import (
 
 from router.model import DicomFile
 
-__all__ = ["dicom_file", "write_ct", "write_job"]
+__all__ = ["dicom_file", "write_ct", "write_encoded_as", "write_job"]
 
 
 @lru_cache(maxsize=8)
@@ -116,6 +118,23 @@ def write_ct(
 
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_encoded_as(path: Path | str, *, implicit_vr: bool, little_endian: bool = True) -> Path:
+    """Re-encode the data set of the Part 10 file `path` as given, leaving its file meta
+    (and the transfer syntax it declares) as it was: a file written wrongly, as some
+    converters do."""
+    path = Path(path)
+    ds = dcmread(path)
+    head = DicomBytesIO()
+    head.is_little_endian, head.is_implicit_VR = True, False
+    head.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(head, ds.file_meta)
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = little_endian, implicit_vr
+    write_dataset(body, ds)
+    path.write_bytes(head.getvalue() + body.getvalue())
     return path
 
 

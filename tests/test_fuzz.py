@@ -549,10 +549,17 @@ def test_scan_parses_or_skips_every_file(contents: list[bytes], wanted: list[str
             relpaths.append(rel)
         result = scan(job_dir, "OUTPUT", wanted)
     seen = [f.relpath for f in result.files] + [s.relpath for s in result.skipped]
+    seen += [u.relpath for u in result.unsendable]
     assert sorted(seen) == sorted(relpaths)
     for skipped in result.skipped:
-        reason = skipped.reason.removeprefix("unreadable:").strip()
-        assert reason, f"{skipped.relpath} skipped without a reason: {skipped.reason!r}"
+        assert skipped.reason.strip(), f"{skipped.relpath} skipped without a reason"
+        # only what is not an instance, or a second copy of one, is skipped
+        assert "DICM" in skipped.reason or skipped.reason.startswith("same SOPInstanceUID")
+    for bad in result.unsendable:
+        event("unsendable")
+        reason = bad.reason.removeprefix("damaged DICOM file:").strip()
+        assert reason, f"{bad.relpath} unsendable without a reason: {bad.reason!r}"
+        assert bad.permanent  # the bytes themselves are wrong: no retry helps
     for file in result.files:
         event("parsed")
         assert file.sop_class_uid and file.sop_instance_uid and file.transfer_syntax_uid

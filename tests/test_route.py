@@ -332,7 +332,9 @@ def test_waiting_invalid_and_locked_jobs_send_nothing(
     write_job(waiting, success=None, n_output=1, n_input=0)
     with pytest.raises(JobWaiting):
         route_job(waiting, cfg, settings(tmp_path))
-    assert read_status(waiting) is None
+    status = read_status(waiting)
+    assert status is not None and (status.state, status.runs) == ("waiting", 0)
+    assert f"job={waiting} outcome=waiting" in (tmp_path / "routing.log").read_text()
 
     invalid = tmp_path / "invalid"
     write_job(invalid, n_output=1, n_input=0)

@@ -49,8 +49,12 @@ def test_scan_reads_nested_files_and_skips_non_dicom(tmp_path: Path) -> None:
     ]
     assert result.files[2].values == {"0008103E": "DEEP"}
     skipped = {s.relpath: s.reason for s in result.skipped}
-    assert set(skipped) == {"OUTPUT/report.pdf", "OUTPUT/notes.txt", "OUTPUT/broken.dcm"}
+    assert set(skipped) == {"OUTPUT/report.pdf", "OUTPUT/notes.txt"}
     assert "no DICM preamble" in skipped["OUTPUT/report.pdf"]
+    # a DICOM file that cannot be read is not skipped: it should go, and cannot
+    [broken_file] = result.unsendable
+    assert broken_file.relpath == "OUTPUT/broken.dcm" and broken_file.permanent
+    assert broken_file.reason.startswith("damaged DICOM file: ")
     assert scan(tmp_path, "INPUT").files[0].relpath == "INPUT/IN000001.dcm"
 
 
