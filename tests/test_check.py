@@ -158,3 +158,27 @@ def test_arbitrary_bytes_pass_or_are_damaged(data: bytes, syntax: str) -> None:
             check_dataset(fh, 0, syntax)
         except Damaged as exc:
             assert str(exc)
+
+
+def test_explain_marks_the_files_that_would_fail(tmp_path: Path) -> None:
+    from router.config import parse_config
+    from router.explain import explain, render
+    from router.job import load_job
+    from router.settings import Settings
+
+    write_job(tmp_path, n_output=1, n_input=0)
+    write_encoded_as(write_ct(tmp_path / "OUTPUT" / "bad.dcm"), implicit_vr=True)
+    dest = {"IP": "127.0.0.1", "PORT": 104, "AETitleSender": "A", "AETitleTo": "B"}
+    cfg = parse_config({"routing": [{"send": [{".*": dest}]}]})
+    job = load_job(tmp_path)
+    views, scans = explain(job, cfg, Settings())
+    lines = list(render(job, views, scans))
+    reason = (
+        "its data set is encoded in implicit VR little endian, while its file meta declares "
+        "Explicit VR Little Endian"
+    )
+    assert f"    ! OUTPUT/bad.dcm (damaged): {reason}" in lines
+    assert any(
+        "would fail: 1 file(s) it selects cannot be sent; 1 file(s) would go" in x for x in lines
+    )
+    assert f"      ! OUTPUT/bad.dcm: {reason}" in lines

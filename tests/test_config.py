@@ -153,6 +153,7 @@ def test_every_problem_is_listed_with_rule_position_name_and_field() -> None:
         ({**DEST, "AETitleSender": "A\tB"}, "control characters"),
         ({**DEST, "AETitleSender": ""}, "1 to 16 characters"),
         ({**DEST, "which": [{}]}, "which[0] is empty"),
+        ({**DEST, "which": []}, 'send[0][".*"].which: an empty list selects no file'),
         ({**DEST, "which": {"Modality": "CT"}}, "which"),
         ({**DEST, "Port": 104}, "Port: unknown key"),
     ],
