@@ -25,7 +25,7 @@ from flows.concurrency import destination_slot, ensure_destination_limit
 from flows.config_source import resolve_config
 from router import routing_log
 from router.config import RoutingConfig, RuleSpec, SendEntry
-from router.job import Job, JobInvalid, JobWaiting, load_job
+from router.job import Job, JobInvalid, JobRefused, JobWaiting, load_job
 from router.lock import JobLocked
 from router.model import DicomFile, Endpoint
 from router.parallel import associations_for
@@ -241,6 +241,9 @@ def _markdown(report: JobReport) -> str:
         f"**{report.state}** · job `{report.job}` · success `{report.success}`",
         f"called `{report.called}` · caller `{report.caller}` · forced: {report.forced}",
     ]
+    if report.rules_version:
+        version = report.rules_version
+        lines.append(f"rules: {version['source']} · sha256 `{version['sha256'][:16]}`")
     if report.reason():
         lines.append(f"reason: {report.reason()}")
     for rule in report.rules:
@@ -272,6 +275,8 @@ def route_job_flow(
     """
     overrides = {"config": config, "me": me, "port": port, "log_file": log_file}
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    if flow_run.id:  # which request asked, for the record and a refusal's log line
+        origin = f"{origin}, flow run {flow_run.name} ({flow_run.id})"
     cfg = resolve_config(settings)
     try:
         report = run_job(
@@ -282,8 +287,9 @@ def route_job_flow(
             load=load_job_task,
             match=lambda job: match_rules_task(cfg, job),
             steps_for=lambda job, record: FlowSteps(job, cfg, settings, record, force),
+            rules=cfg.version,
         )
-    except (JobInvalid, JobWaiting, JobLocked) as exc:
+    except (JobInvalid, JobWaiting, JobLocked, JobRefused) as exc:
         return ending_state(exc)
     create_table_artifact(
         key=_artifact_key(report.job),
@@ -296,6 +302,7 @@ def route_job_flow(
 
 
 ENDING_NAMES: dict[type[Exception], str] = {
+    JobRefused: "Refused",
     JobInvalid: "Invalid",
     JobWaiting: "Waiting",
     JobLocked: "Locked",
@@ -304,12 +311,12 @@ ENDING_NAMES: dict[type[Exception], str] = {
 UI, a deployed sweep and automations tell them apart from a Failed run."""
 
 
-def ending_state(exc: JobInvalid | JobWaiting | JobLocked) -> State:
-    """Invalid is Failed (a person must fix the job); a job still waiting for its
+def ending_state(exc: JobInvalid | JobWaiting | JobLocked | JobRefused) -> State:
+    """Invalid and Refused are Failed (a person must look); a job still waiting for its
     computation, or routed by another run right now, is Cancelled: nothing went wrong.
     Calling the flow still raises `exc`."""
     name = ENDING_NAMES[type(exc)]
-    make = Failed if isinstance(exc, JobInvalid) else Cancelled
+    make = Failed if isinstance(exc, JobInvalid | JobRefused) else Cancelled
     return make(name=name, message=str(exc), data=exc)
 
 

@@ -23,6 +23,7 @@ from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.route_job import RoutingFailed, route_job_flow
+from router.job import under_roots
 from router.settings import Settings
 from router.sweep import SweepPlan, mark_given_up, plan_sweep
 
@@ -30,7 +31,7 @@ ROUTE_DEPLOYMENT = "route-job/route-job"
 MAX_PARALLEL_CAP = 32
 """Threads the sweep's task runner has; `max_parallel` bounds how many are used."""
 
-Outcome = Literal["routed", "failed", "invalid", "waiting", "locked", "error"]
+Outcome = Literal["routed", "failed", "invalid", "waiting", "locked", "refused", "error"]
 NOT_A_FAILURE = ("routed", "locked", "waiting")
 """Outcomes that do not make a sweep fail: a job another run routes right now, or one
 whose computation is still running, is no failure of routing."""
@@ -69,7 +70,12 @@ def classify(state: State | None) -> tuple[Outcome, str | None]:
     return "error", f"{state.name}: {state.message}"
 
 
-_BY_NAME: dict[str, Outcome] = {"Invalid": "invalid", "Waiting": "waiting", "Locked": "locked"}
+_BY_NAME: dict[str, Outcome] = {
+    "Invalid": "invalid",
+    "Waiting": "waiting",
+    "Locked": "locked",
+    "Refused": "refused",
+}
 
 
 @task(name="route", task_run_name="route {job_dir.name}", cache_policy=NO_CACHE)
@@ -89,7 +95,7 @@ def route_one(
     error = state.result(raise_on_failure=False) if not state.is_completed() else None
     if isinstance(error, RoutingFailed):
         message = error.report.reason()
-    elif isinstance(error, Exception) and outcome in ("invalid", "waiting", "locked"):
+    elif isinstance(error, Exception) and outcome in ("invalid", "waiting", "locked", "refused"):
         message = str(error)
     return outcome, message
 
@@ -118,6 +124,11 @@ def sweep_unrouted_flow(
     given = {k: v for k, v in overrides.items() if v is not None}
     settings = Settings(**given)
     root_path = Path(root).absolute()
+    if settings.jobs_root and not under_roots(root_path, settings.jobs_root, root_itself=True):
+        roots = ", ".join(map(str, settings.jobs_root))
+        raise PermissionError(
+            f"{root_path}: refused: not under the jobs root ({roots}; DICOM_ROUTER_JOBS_ROOT)"
+        )
     if not root_path.is_dir():
         raise NotADirectoryError(f"{root_path}: no such folder to sweep")
     plan = plan_task(root_path, settings)

@@ -20,7 +20,7 @@ import typer
 from pydantic import ValidationError
 
 from router.config import ConfigError, RoutingConfig, load_config
-from router.job import JobFailed, JobInvalid, JobWaiting, load_job
+from router.job import JobFailed, JobInvalid, JobRefused, JobWaiting, load_job
 from router.lock import JobLocked
 from router.model import Endpoint, SendError
 from router.routing_log import LogFileError
@@ -104,7 +104,7 @@ def route(
     except JobWaiting as exc:
         err(f"not ready: {exc}")
         raise typer.Exit(EXIT_NOT_READY) from None
-    except (JobInvalid, LogFileError) as exc:
+    except (JobInvalid, JobRefused, LogFileError) as exc:
         err(str(exc))
         raise typer.Exit(EXIT_BAD_INPUT) from None
 
@@ -124,7 +124,7 @@ def route(
         raise typer.Exit(EXIT_NOT_READY) from None
     except ConfigError as exc:
         raise config_error(exc) from None
-    except (JobInvalid, LogFileError) as exc:
+    except (JobInvalid, JobRefused, LogFileError) as exc:
         err(str(exc))
         raise typer.Exit(EXIT_BAD_INPUT) from None
     if as_json:
@@ -238,8 +238,22 @@ def explain(
 
 
 @app.command()
-def validate(file: Annotated[Path, typer.Argument(help="Routing configuration (JSON).")]) -> None:
-    """Check a routing configuration: exit 0 and a summary, or 2 and every problem."""
+def validate(
+    file: Annotated[Path, typer.Argument(help="Routing configuration (JSON).")],
+    allowlist: Annotated[
+        Path | None,
+        typer.Option(help="Destination allow-list to check against. Env: DICOM_ROUTER_ALLOWLIST."),
+    ] = None,
+    me: MeOpt = None,
+    port: PortOpt = None,
+) -> None:
+    """Check a routing configuration: exit 0 and a summary, or 2 and every problem.
+
+    With an allow-list (the option or the setting), every destination must be in it.
+    """
+    from router.allowlist import config_refusals
+
+    settings = make_settings(allowlist=allowlist, me=me, port=port)
     try:
         cfg = load_config(file)
     except ConfigError as exc:
@@ -247,8 +261,18 @@ def validate(file: Annotated[Path, typer.Argument(help="Routing configuration (J
         for problem in exc.problems:
             typer.echo(f"  {problem}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
+    refused = config_refusals(cfg, settings.allowlist, settings.me, settings.port)
+    if refused:
+        err(f"{file}: {len(refused)} destination(s) not allowed")
+        for problem in refused:
+            typer.echo(f"  {problem}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT)
     active = sum(1 for r in cfg.rules if r.rule.active)
-    typer.echo(f"{file}: valid, {len(cfg.rules)} rule(s), {active} active")
+    typer.echo(
+        f"{file}: valid, {len(cfg.rules)} rule(s), {active} active, sha256 {cfg.sha256[:16]}"
+    )
+    if settings.allowlist:
+        typer.echo(f"  every destination is in the allow-list {settings.allowlist}")
     for spec in cfg.rules:
         r = spec.rule
         state = "active" if r.active else "inactive"
@@ -394,6 +418,48 @@ def config_pull(
         parse_config(raw, block_source(settings.config_block))
     except ConfigError as exc:
         raise config_error(exc) from None
+
+
+@config_app.command("history")
+def config_history(
+    name: NameOpt = None,
+    diff: Annotated[bool, typer.Option("--diff", help="Show what each version changed.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """The trail of the rules block: each version's time, sha256 and how it came."""
+    import difflib
+
+    from flows.config_source import block_source, history, pull_config
+    from router.config import rules_digest
+
+    settings = make_settings(config_block=name)
+    versions = history(settings.config_block)
+    try:
+        current = rules_digest(pull_config(settings.config_block))
+    except ConfigError:
+        current = None
+    if as_json:
+        typer.echo(json.dumps({"versions": versions, "current": current}, indent=2))
+        return
+    typer.echo(f"{block_source(settings.config_block)}: {len(versions)} version(s)")
+    previous: Any = None
+    previous_sha = ""
+    for version in versions:
+        mark = " (current)" if version["sha256"] == current else ""
+        typer.echo(f"  {version['time']}  {version['sha256'][:16]}  {version['how']}{mark}")
+        if diff and previous is not None:
+            lines = difflib.unified_diff(
+                json.dumps(previous, indent=2).splitlines(),
+                json.dumps(version["rules"], indent=2).splitlines(),
+                f"sha256 {previous_sha[:16]}",
+                f"sha256 {version['sha256'][:16]}",
+                lineterm="",
+            )
+            for line in lines:
+                typer.echo(f"      {line}")
+        previous, previous_sha = version["rules"], version["sha256"]
+    if current is not None and (not versions or versions[-1]["sha256"] != current):
+        typer.echo(f"  now       {current[:16]}  changed since, not yet seen by a run")
 
 
 @app.command()

@@ -7,6 +7,8 @@ refused, and every problem names the rule (position and name) and the field.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,14 +56,25 @@ def parse_flag(value: Any) -> bool:
 
 
 def check_regex(value: Any) -> str:
+    """A pattern RE2 can match (in linear time; `router.rules`), or why not."""
+    from router.rules import compile_pattern
+
     if not isinstance(value, str):
         raise ValueError(f"expected a regular expression as a string, got {value!r}")
-    try:
+    shown = value if len(value) <= 60 else value[:57] + "..."
+    try:  # Python's syntax too: RE2 reads some malformed repetitions as plain text
         re.compile(value)
     except (re.error, OverflowError) as exc:
-        raise ValueError(f"invalid regular expression {value!r}: {exc}") from None
+        raise ValueError(f"invalid regular expression {shown!r}: {exc}") from None
     except RecursionError:
         raise ValueError(f"regular expression nested too deeply: {value[:40]!r}...") from None
+    try:
+        compile_pattern(value)
+    except ValueError as exc:
+        raise ValueError(
+            f"invalid regular expression {shown!r}: {exc} (patterns are matched in linear "
+            "time, without backreferences or lookaround)"
+        ) from None
     return value
 
 
@@ -286,6 +299,20 @@ class RuleSpec:
 class RoutingConfig:
     source: str
     rules: tuple[RuleSpec, ...]
+    sha256: str = ""
+    """Of the document as parsed (canonical JSON): which version of the rules a run used."""
+
+    @property
+    def version(self) -> dict[str, str]:
+        """What the record, the report and the run's artifact say of the rules used."""
+        return {"source": self.source, "sha256": self.sha256}
+
+
+def rules_digest(data: Any) -> str:
+    """The version of a rules document: the same rules give the same digest, however they
+    were spaced, commented or ordered as keys (order of rules and send entries counts)."""
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def _describe_loc(loc: tuple[Any, ...]) -> str:
@@ -366,7 +393,7 @@ def parse_config(data: Any, source: str = "<config>") -> RoutingConfig:
         rules.append(RuleSpec(index=index, name=name, rule=rule, entries=entries))
     if problems:
         raise ConfigError(source, problems)
-    return RoutingConfig(source=source, rules=tuple(rules))
+    return RoutingConfig(source=source, rules=tuple(rules), sha256=rules_digest(data))
 
 
 def loads_config(text: str, source: str = "<config>") -> RoutingConfig:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from router import allowlist
 from router.config import RoutingConfig
 from router.job import Job
 from router.record import Record
@@ -26,6 +27,8 @@ class EntryView:
     unsendable: list[tuple[str, str]] = field(default_factory=list)
     """Files it would send that the check refuses or that cannot be read, with why."""
     already: int = 0
+    refusal: str | None = None
+    """Why nothing would go to this destination (the allow-list), if so."""
 
 
 @dataclass
@@ -59,7 +62,8 @@ def explain(
                 destination=str(endpoint),
                 break_=dest.break_,
             )
-            if match.applies and em.matches:
+            view.refusal = allowlist.refusal(settings.allowlist, endpoint)
+            if match.applies and em.matches and not view.refusal:
                 directory = rule.RouteDirectory
                 if directory not in scans:
                     scans[directory] = scan(job.path, directory, scan_tags(config, directory))
@@ -115,6 +119,9 @@ def render(
                 yield f"{label}: pattern does not match success {job.success!r}"
                 continue
             brk = "; break: 1 (later entries only if this send fails)" if e.break_ else ""
+            if e.refusal:
+                yield f"{label}: would fail: {e.refusal}"
+                continue
             if e.unsendable:
                 yield (
                     f"{label}: would fail: {len(e.unsendable)} file(s) it selects cannot be "

@@ -30,6 +30,48 @@ class JobFailed(JobError):
         self.reason = reason
 
 
+class JobRefused(JobError):
+    """A job folder outside the configured jobs roots: refused before any file is read.
+
+    Not a state of a job (the folder may be anything, so nothing is written into it):
+    the refusal is logged with the origin of the request.
+    """
+
+    def __init__(self, job_dir: Path, reason: str, origin: str) -> None:
+        super().__init__(f"{job_dir}: refused: {reason}")
+        self.job_dir = job_dir
+        self.reason = reason
+        self.origin = origin
+
+
+def under_roots(path: Path, roots: list[Path], *, root_itself: bool = False) -> bool:
+    """Whether `path`, with links followed and `..` resolved, lies under one of `roots`."""
+    real = path.resolve()
+    for root in roots:
+        top = root.resolve()
+        if real.is_relative_to(top) and (root_itself or real != top):
+            return True
+    return False
+
+
+def check_job_dir(job_dir: Path, roots: list[Path], origin: str) -> None:
+    """Raise JobRefused unless `job_dir` lies under a jobs root (no roots: any folder)."""
+    if not roots:
+        return
+    try:
+        inside = under_roots(job_dir, roots)
+    except (OSError, RuntimeError) as exc:  # a link loop, an unreadable path
+        raise JobRefused(job_dir, f"cannot resolve it: {exc}", origin) from None
+    if not inside:
+        listed = ", ".join(str(r) for r in roots)
+        raise JobRefused(
+            job_dir,
+            f"it is not under the jobs root ({listed}; DICOM_ROUTER_JOBS_ROOT) once links "
+            f"are followed (it is {job_dir.resolve()})",
+            origin,
+        )
+
+
 class JobInvalid(JobError):
     """A job file is missing or malformed; `file` names it."""
 

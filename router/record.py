@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -207,7 +207,7 @@ class Record:
         elif status is None and sop not in self._stored.get(dest, {}):
             self._unanswered.setdefault(dest, set()).add(sop)
 
-    def begin(self, *, forced: bool, origin: str) -> str:
+    def begin(self, *, forced: bool, origin: str, rules: Mapping[str, str] | None = None) -> str:
         self.run_id = uuid.uuid4().hex[:12]
         try:
             self._fh = self.path.open("a", encoding="utf-8")
@@ -217,7 +217,11 @@ class Record:
             ) from exc
         if self._torn_tail:  # end the fragment a kill left, so our first line stands alone
             self._raw_write("\n")
-        self._write({"event": "run", "forced": forced, "origin": origin, "pid": os.getpid()})
+        run: dict[str, Any] = {"event": "run", "forced": forced, "origin": origin}
+        run["pid"] = os.getpid()
+        if rules:
+            run["rules"] = dict(rules)
+        self._write(run)
         return self.run_id
 
     def _write(self, entry: dict[str, Any]) -> None:

@@ -82,6 +82,8 @@ class JobReport:
     message: str
     forced: bool
     run_id: str = ""
+    rules_version: dict[str, str] = field(default_factory=dict)
+    """Source (file or block) and sha256 of the rules this run used."""
     started: str = ""
     finished: str = ""
     rules: list[RuleOutcome] = field(default_factory=list)

@@ -10,17 +10,27 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from router import routing_log
+from router import allowlist, routing_log
 from router.config import RoutingConfig, RuleSpec, SendEntry
 from router.error_report import find_reference, report_path, write_error_report
-from router.job import PROC, Job, JobError, JobFailed, JobInvalid, JobWaiting, load_job
+from router.job import (
+    PROC,
+    Job,
+    JobError,
+    JobFailed,
+    JobInvalid,
+    JobRefused,
+    JobWaiting,
+    check_job_dir,
+    load_job,
+)
 from router.lock import JobLocked, job_lock
 from router.model import DicomFile, Endpoint, SendError, StoreResult, status_is_transient
 from router.record import (
@@ -64,6 +74,7 @@ def reporting_progress(callback: Progress | None) -> Iterator[None]:
 
 class Steps(Protocol):
     job: Job
+    settings: Settings
 
     def endpoint(self, entry: SendEntry) -> Endpoint: ...
     def error_report(self) -> DicomFile | None: ...
@@ -371,6 +382,12 @@ def _route_entry(
     """Select and deliver one entry into `result`; True when routing stops (break: 1)."""
     endpoint = steps.endpoint(entry)
     result.destination = str(endpoint)
+    refusal = allowlist.refusal(steps.settings.allowlist, endpoint)
+    if refusal:  # before anything is read for it: nothing goes there
+        result.reason = refusal
+        result.delivery = Delivery(destination=str(endpoint), selected=0, error=refusal)
+        routing_log.entry(steps.job, spec, entry, result.delivery)
+        return False
     selection = steps.select(spec, entry, folder)
     if report is not None:  # goes with the results, whatever `which` selects
         selection = replace(selection, selected=(*selection.selected, report))
@@ -468,7 +485,9 @@ class LocalSteps:
         return delivery
 
 
-def new_report(job: Job, record: Record, force: bool) -> JobReport:
+def new_report(
+    job: Job, record: Record, force: bool, rules: Mapping[str, str] | None = None
+) -> JobReport:
     return JobReport(
         job=str(job.path),
         called=job.called,
@@ -477,6 +496,7 @@ def new_report(job: Job, record: Record, force: bool) -> JobReport:
         message=job.message,
         forced=force,
         run_id=record.run_id or "",
+        rules_version=dict(rules or {}),
         started=now(),
     )
 
@@ -532,11 +552,22 @@ def mark_failed(job_dir: Path, exc: BaseException, record: Record | None) -> Job
     return JobFailed(job_dir, reason)
 
 
-def precheck(job_dir: Path | str, settings: Settings) -> Path:
+def _check_root(path: Path, settings: Settings, origin: str) -> None:
+    """Refuse, and log, a job folder outside the jobs roots: before any file is read."""
+    try:
+        check_job_dir(path, settings.jobs_root, origin)
+    except JobRefused as exc:
+        with routing_log.writing_to(settings.log_file):
+            routing_log.refused(path, origin, exc.reason)
+        raise
+
+
+def precheck(job_dir: Path | str, settings: Settings, origin: str = "cli") -> Path:
     """What `run_job` refuses first, without starting anything: a missing or unwritable
     folder (JobInvalid) and a job whose computation has not finished (JobWaiting), each
     recorded as `run_job` records it. Returns the job folder's absolute path."""
     path = Path(job_dir).absolute()
+    _check_root(path, settings, origin)
     if not path.is_dir():
         raise JobInvalid(path, "not a job folder (no such directory)")
     with routing_log.writing_to(settings.log_file):
@@ -570,24 +601,27 @@ def run_job(
     load: Callable[[Path], Job],
     match: Callable[[Job], Sequence[RuleMatch]],
     steps_for: Callable[[Job, Record], Steps],
+    rules: Mapping[str, str] | None = None,
 ) -> JobReport:
     """One routing of a job: lock, load, record, rules, report; the same for every caller.
 
     This is the one place that decides how a job ends (SPEC section 1). It returns the
-    report of a job that was routed or failed by its rules, or raises one of: JobWaiting,
+    report of a job that was routed or failed by its rules, or raises one of: JobRefused
+    (a folder outside the jobs roots: nothing read or written there), JobWaiting,
     JobInvalid (also for a folder this process cannot write), JobLocked, JobFailed (a
     full disk, an interruption, a bug). Each has left its state in the job's status file
     (locked: the other run does) and a line in the routing log before it is raised;
     nothing else escapes.
     """
     path = Path(job_dir).absolute()
+    _check_root(path, settings, origin)
     if not path.is_dir():
         raise JobInvalid(path, "not a job folder (no such directory)")
     with routing_log.writing_to(settings.log_file):
         _check_writable(path)
         try:
             with job_lock(path):
-                return _run_locked(path, force, origin, load, match, steps_for)
+                return _run_locked(path, force, origin, load, match, steps_for, rules)
         except JobLocked as exc:
             routing_log.locked(path, exc)
             raise
@@ -604,6 +638,7 @@ def _run_locked(
     load: Callable[[Path], Job],
     match: Callable[[Job], Sequence[RuleMatch]],
     steps_for: Callable[[Job, Record], Steps],
+    rules: Mapping[str, str] | None,
 ) -> JobReport:
     record: Record | None = None
     try:
@@ -616,8 +651,8 @@ def _run_locked(
             mark_invalid(path, exc)
             raise
         record = Record(job.path)
-        record.begin(forced=force, origin=origin)
-        report = new_report(job, record, force)
+        record.begin(forced=force, origin=origin, rules=rules)
+        report = new_report(job, record, force, rules)
         finish(report, record, route_rules(match(job), steps_for(job, record)))
         return report
     except JobError:
@@ -650,4 +685,5 @@ def route_job(
         load=load_job,
         match=lambda job: match_rules(config, job),
         steps_for=lambda job, record: LocalSteps(job, config, settings, record, force, progress),
+        rules=config.version,
     )

@@ -202,6 +202,10 @@ def failed(job_dir: Path, reason: str) -> None:
     logger.error(_line(job=job_dir, outcome="failed", reason=reason))
 
 
+def refused(job_dir: Path, origin: str, reason: str) -> None:
+    logger.error(_line(job=job_dir, outcome="refused", origin=origin, reason=reason))
+
+
 def status_not_written(job_dir: Path, state: str, exc: OSError) -> None:
     logger.error(
         _line(

@@ -1,17 +1,42 @@
-"""Which rules apply to a job and which of their send entries match (SPEC section 3)."""
+"""Which rules apply to a job and which of their send entries match (SPEC section 3).
+
+Patterns are matched with RE2 (google-re2), whose matching time grows linearly with the
+value: a pattern such as `(a+)+$`, which makes Python's `re` backtrack for minutes on a
+64-character SeriesDescription, cannot stall routing. Patterns that need backtracking
+(backreferences, lookaround) are refused when the rules are validated (`compile_pattern`).
+"""
 
 from __future__ import annotations
 
-import re
+import functools
 from dataclasses import dataclass
+
+import re2
 
 from router.config import RoutingConfig, RuleSpec, SendEntry
 from router.job import Job
 
 
+@functools.lru_cache(maxsize=4096)
+def compile_pattern(pattern: str) -> re2._Regexp:
+    """The pattern as RE2 matches it: any case, `.` matching newlines too.
+
+    ValueError with RE2's reason when it cannot be matched in linear time or is malformed.
+    """
+    options = re2.Options()
+    options.case_sensitive = False
+    options.dot_nl = True
+    options.log_errors = False  # the reason is raised, not written to stderr
+    try:
+        return re2.compile(pattern, options)
+    except re2.error as exc:
+        reason = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else exc
+        raise ValueError(str(reason)) from None
+
+
 def fullmatch(pattern: str, value: str) -> bool:
     """The whole value, any case; `.*` matches everything, the empty string and newlines too."""
-    return re.fullmatch(pattern, value, re.IGNORECASE | re.DOTALL) is not None
+    return compile_pattern(pattern).fullmatch(value) is not None
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from router.config import check_regex
 from router.model import Timeouts
@@ -48,6 +50,20 @@ class Settings(BaseSettings):
         4, ge=1, description="Associations open at once to one destination, over all jobs."
     )
     """4: as many as one job uses by default, and as many as Orthanc serves at once."""
+    allowlist: Path | None = Field(
+        None,
+        description="File on this host listing the destinations that may receive data "
+        "(README, Security); unset: any destination the rules name.",
+    )
+    jobs_root: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Folders job folders must lie in (several: separated by ':'); unset: any.",
+    )
+    allow_open_server: bool = Field(
+        False,
+        description="Accept a Prefect server that answers without authentication from a "
+        "non-loopback address.",
+    )
     config_block: str = Field(
         "default", description="Name of the routing-rules block used when no file is given."
     )
@@ -55,6 +71,15 @@ class Settings(BaseSettings):
     sweep_retry_delay: float = Field(300.0, ge=0, description="A failed job's first re-try, s.")
     sweep_retry_backoff: float = Field(2.0, ge=1, description="Growth of the sweep's delay.")
     sweep_max_failures: int = Field(5, ge=1, description="Failed runs before a sweep gives up.")
+
+    @field_validator("jobs_root", mode="before")
+    @classmethod
+    def _roots(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [Path(p) for p in value.split(os.pathsep) if p.strip()]
+        if isinstance(value, Path):
+            return [value]
+        return value
 
     @field_validator("success_pattern")
     @classmethod
