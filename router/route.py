@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -90,12 +90,11 @@ class Attempt:
 
     @property
     def transient(self) -> bool:
-        if self.error is not None:
-            return self.error.transient
-        return all(
-            not r.permanent and (r.status is None or status_is_transient(r.status))
-            for r in self.failures.values()
-        )
+        """Whether another attempt may store what this one did not: the destination
+        failed for a transient reason, or a file did (no answer, 0xA7xx) not for good."""
+        if self.error is not None and self.error.transient:
+            return True
+        return any(not r.final for r in self.failures.values())
 
     def reason(self) -> str | None:
         if self.error is not None:
@@ -115,6 +114,40 @@ def missing(
     return [f for f in files if f.sop_instance_uid not in done]
 
 
+def to_send(
+    record: Record, endpoint: Endpoint, files: Sequence[DicomFile], force: bool
+) -> list[DicomFile]:
+    """What an attempt sends: what is missing, less what failed for good in this run."""
+    given_up = record.failed_for_good(endpoint.key)
+    return [
+        f for f in missing(record, endpoint, files, force) if f.sop_instance_uid not in given_up
+    ]
+
+
+def judged(record: Record, dest: str, result: StoreResult, send: int) -> StoreResult:
+    """`result`, counted as the file's own refusal when it says so.
+
+    A 0xA7xx (out of resources) refusal is retried as a transient failure of the
+    destination, unless the destination refused this file so on an earlier attempt of this
+    run and then stored another file over the same association: it has the resources,
+    just not for this file (Orthanc refusing a codec it lacks). The file then fails alone,
+    like a permanent refusal; a destination that refuses everything is still retried.
+    Decided from the record, so the Prefect task's retries decide the same.
+    """
+    if result.stored or result.permanent or result.status is None:
+        return result
+    if not status_is_transient(result.status):
+        return result
+    earlier = record.busy_refusals(dest, result.file.sop_instance_uid, send)
+    if not any(earlier):
+        return result
+    why = (
+        f"{result.error}; refused so on {len(earlier) + 1} attempts, while the destination "
+        "stored other files over the same association: counted as refused, not retried"
+    )
+    return replace(result, error=why, permanent=True)
+
+
 def attempt_once(
     record: Record,
     endpoint: Endpoint,
@@ -124,30 +157,37 @@ def attempt_once(
     force: bool,
     progress: Progress | None = None,
 ) -> Attempt:
-    """Send what is missing once; every answer is in the record before this returns."""
-    todo = missing(record, endpoint, files, force)
+    """Send what is missing once; every answer is in the record before this returns.
+
+    Files that failed for good earlier in this run (refused permanently, ended an
+    association twice, refused as above) are not sent again: they stay failed.
+    """
+    todo = to_send(record, endpoint, files, force)
     result = Attempt()
     if not todo:
         return result
     result.number = attempt
-    answered = 0
+    send = record.new_send()
+    answered: set[str] = set()  # a file put aside is answered twice
 
     def on_result(r: StoreResult) -> None:
-        nonlocal answered
-        record.store(endpoint.key, r, attempt)
-        answered += 1
+        r = judged(record, endpoint.key, r, send)
+        record.store(endpoint.key, r, attempt, send)
+        answered.add(r.file.sop_instance_uid)
         if r.stored:
             result.failures.pop(r.file.sop_instance_uid, None)
         else:
             result.failures[r.file.sop_instance_uid] = r
+            if r.final:
+                routing_log.file_failed(record.job_dir, endpoint, r, attempt)
         if progress:
-            progress(endpoint.key, answered, len(todo))
+            progress(endpoint.key, len(answered), len(todo))
 
     try:
         send_files(endpoint, todo, settings.timeouts(), on_result)
     except SendError as exc:
         result.error = exc
-    result.sent = answered
+    result.sent = len(answered)
     return result
 
 
@@ -161,24 +201,40 @@ def summarize(
     seconds: float,
     last: Attempt | None,
 ) -> Delivery:
-    """The entry's delivery as the record tells it after the last attempt."""
+    """The entry's delivery as the record tells it after the last attempt.
+
+    Each file not stored is listed with its last answer in this run (a file that failed
+    for good on an earlier attempt keeps its own reason); one never answered gets the
+    reason the last attempt ended with.
+    """
     stored_now = record.stored_at(endpoint.key, this_run_only=True)
     uids = {f.sop_instance_uid for f in files}
     left = missing(record, endpoint, files, force)
+    ended = last.error.reason if last and last.error else None
     failures = []
-    for f in left[:_MAX_LISTED_FAILURES]:
-        answer = last.failures.get(f.sop_instance_uid) if last else None
-        failures.append(
-            {
-                "file": f.relpath,
-                "status": None
-                if answer is None or answer.status is None
-                else f"0x{answer.status:04X}",
-                "reason": (answer.error if answer else None)
-                or (last.reason() if last else None)
-                or "not sent",
-            }
-        )
+    own: list[tuple[DicomFile, str]] = []  # files with a reason of their own
+    for f in left:
+        answer = record.answer(endpoint.key, f.sop_instance_uid)
+        reason = (answer.error if answer else None) or ended or "not sent"
+        if answer is not None and answer.error and answer.error != ended:
+            own.append((f, answer.error))
+        if len(failures) < _MAX_LISTED_FAILURES:
+            status = None if answer is None or answer.status is None else answer.status
+            failures.append(
+                {
+                    "file": f.relpath,
+                    "status": None if status is None else f"0x{status:04X}",
+                    "reason": reason,
+                }
+            )
+    error = None
+    if left:
+        parts = [ended] if ended else []
+        if own:
+            (first, why), more = own[0], len(own) - 1
+            others = f" (and {more} more)" if more else ""
+            parts.append(f"{len(own)} not stored: {first.relpath}: {why}{others}")
+        error = "; ".join(parts) or f"{len(left)} not stored"
     return Delivery(
         destination=str(endpoint),
         selected=len(files),
@@ -187,8 +243,8 @@ def summarize(
         failed=len(left),
         attempts=attempts,
         seconds=seconds,
-        error=last.reason() if last and left else None,
-        transient=bool(last and left and last.transient),
+        error=error,
+        transient=bool(left and last and last.transient),
         failures=failures,
     )
 
@@ -202,14 +258,17 @@ def deliver_with_retries(
     progress: Progress | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Delivery:
-    """Attempt, and retry transient failures with backoff; permanent ones fail at once."""
+    """Attempt, and retry transient failures with backoff; permanent ones fail at once.
+
+    A retry sends what is still missing and may still be stored (`attempt_once`).
+    """
     already = len(files) - len(missing(record, endpoint, files, force))
     delays = settings.retry_delays()
     start = time.monotonic()
     last: Attempt | None = None
     attempts = 0
     for attempt in range(1, len(delays) + 2):
-        if not missing(record, endpoint, files, force):
+        if not to_send(record, endpoint, files, force):
             break
         attempts = attempt
         last = attempt_once(record, endpoint, files, settings, attempt, force, progress)
