@@ -24,6 +24,9 @@ from router.rules import fullmatch
 
 _NEEDED = ("SOPClassUID", "SOPInstanceUID")
 
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+"""The SOP class of a DICOMDIR, which the file meta gives where the data set has none."""
+
 
 @dataclass(frozen=True)
 class Skipped:
@@ -117,6 +120,8 @@ def read_header(root: str, relpath: str, tags: Iterable[str] = ()) -> DicomFile:
         raise ValueError("DICOM file without a transfer syntax in its file meta")
     if not sop_class or not sop_instance:
         raise ValueError("DICOM file without SOPClassUID or SOPInstanceUID")
+    if sop_class == MEDIA_STORAGE_DIRECTORY:
+        raise ValueError("a DICOMDIR (a media directory, not an instance)")
     for name, uid in (("transfer syntax", ts), ("SOPClassUID", sop_class)):
         if not UID(str(uid)).is_valid:
             raise ValueError(f"invalid {name} {str(uid)[:70]!r}")
