@@ -392,8 +392,10 @@ def test_a_crash_after_storing_instance_k_is_retried_and_nothing_is_lost(
     duplicates = {uid for uid, n in counts.items() if n > 1}
     assert len(duplicates) <= associations and max(counts.values()) == 2
     assert report.state == "routed" and delivery.stored == FILES
-    assert 2 <= delivery.attempts <= 3
-    assert seconds < 1.0 + 4.0 + 10.0
+    # Retries after 1, 4, 16 s: the destination is back once its process has started
+    # again (1-2 s here; a loaded machine may need the third retry).
+    assert 2 <= delivery.attempts <= 4
+    assert seconds < 1.0 + 4.0 + 16.0 + 10.0
     # The record: k unanswered in attempt 1, stored in a later one as a possible duplicate;
     # so is every instance that arrived twice.
     stores = store_lines(job)
