@@ -20,7 +20,7 @@ import struct
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from pydicom.datadict import keyword_for_tag
+from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.uid import UID
 
 _VRS = frozenset(
@@ -96,6 +96,14 @@ class _Reader:
         return self.fh.read(left).count(0) == left
 
 
+def _is_sequence(tag: int) -> bool:
+    """Whether the data dictionary has `tag` as a sequence (implicit VR does not say)."""
+    try:
+        return bool(dictionary_VR(tag) == "SQ")
+    except KeyError:
+        return False
+
+
 def _tag_text(group: int, element: int) -> str:
     keyword = keyword_for_tag((group << 16) | element) if group != 0xFFFE else ""
     return f"({group:04X},{element:04X})" + (f" {keyword}" if keyword else "")
@@ -160,24 +168,43 @@ class _Walk:
                     f"it is cut short: element {_tag_text(group, element)} at byte {at} "
                     f"declares {length} bytes, and the file has {r.left()} left"
                 )
+            elif length and (vr == b"SQ" or (vr is None and _is_sequence(tag))):
+                self.sequence(depth + 1, implicit, end=r.pos + length, tag=(group, element))
             else:
                 r.skip(length)
 
-    def sequence(self, depth: int, implicit: bool) -> None:
+    def sequence(
+        self,
+        depth: int,
+        implicit: bool,
+        end: int | None = None,
+        tag: tuple[int, int] | None = None,
+    ) -> None:
+        """Items up to the sequence delimiter, or up to `end` (a defined length)."""
         if depth > _MAX_DEPTH:
             raise _Bad(f"sequences nested more than {_MAX_DEPTH} deep")
         r = self.r
         while True:
+            if end is not None and r.pos >= end:
+                if r.pos > end:
+                    raise _Bad(f"an item runs past the end of its sequence (byte {end})")
+                return
             if r.left() == 0:
                 raise _Bad("a sequence is not closed before the end of the file")
             at = r.pos
             group, element = self.tag.unpack(r.read(4))
             length = self.ul.unpack(r.read(4))[0]
-            if (group, element) == (0xFFFE, _SEQUENCE_END):
+            if (group, element) == (0xFFFE, _SEQUENCE_END) and end is None:
                 return
             if (group, element) != (0xFFFE, _ITEM):
                 raise _Bad(
                     f"{_tag_text(group, element)} at byte {at} where a sequence item was expected"
+                )
+            if end is not None and length != _UNDEFINED and r.pos + length > end:
+                where = f"{_tag_text(*tag)}" if tag else "its sequence"
+                raise _Bad(
+                    f"a sequence item at byte {at} declares {length} bytes, more than "
+                    f"{where} holds ({end - r.pos} left)"
                 )
             if length == _UNDEFINED:
                 self.dataset(None, depth, implicit)

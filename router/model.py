@@ -103,7 +103,17 @@ class StoreResult:
     """The file's transfer syntax UID, when it was sent converted (to `converted_to`)."""
     converted_to: str | None = None
     permanent: bool = False
-    """Not stored for a reason that no retry changes (no context, cannot be converted)."""
+    """Not stored for a reason that no retry changes (no context, cannot be converted, it
+    ended the association twice, refused again and again while others were stored)."""
+    association: str | None = None
+    """Which association carried it, unique within one `send_files` call; None if none."""
+
+    @property
+    def final(self) -> bool:
+        """Not stored, and no further attempt in this routing run would change that."""
+        if self.stored:
+            return False
+        return self.permanent or (self.status is not None and not status_is_transient(self.status))
 
     @property
     def stored(self) -> bool:

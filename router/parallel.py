@@ -10,6 +10,8 @@ no gain where two or four processes did (PERF-NOTES).
 Each sender runs the single-association sender (`router.send._Sender`) on a consecutive
 share of the files and streams every answer back to this process, where `on_result` is
 called, one answer at a time, in the calling thread: the caller keeps writing the record.
+A file that makes the destination abort is isolated within its share, as with one
+association (a new association for the rest of the share, the file alone at its end).
 A sender waits for that to be done before it sends its next file, so a kill of the router
 loses at most the instance in flight on each association, as with one association.
 
@@ -435,7 +437,7 @@ def sender(conn: Connection, *, close: bool = True) -> None:
 
         error: tuple[str, str, bool] | None = None
         try:
-            _Sender(endpoint, timeouts, report).run(files)
+            _Sender(endpoint, timeouts, report, label=f"{share}.").run(files)
         except SendError as exc:
             error = ("send", exc.reason, exc.transient)
         except (EOFError, BrokenPipeError, ConnectionResetError):

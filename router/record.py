@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -24,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from router.model import StoreResult
+from router.model import StoreResult, status_is_transient
 
 RECORD = "routing-record.jsonl"
 STATUS = "routing-status.json"
@@ -155,6 +156,14 @@ class Record:
         self._stored: dict[str, dict[str, str]] = {}
         # dest key -> SOPInstanceUIDs sent without an answer and not stored since
         self._unanswered: dict[str, set[str]] = {}
+        # This run's answers (what retries within the run decide on; a new run starts
+        # afresh): dest key -> SOPInstanceUID -> its last answer,
+        self._answers: dict[str, dict[str, StoreResult]] = {}
+        # -> (send, association) -> instances stored over that association,
+        self._stored_over: dict[str, Counter[tuple[int, str]]] = {}
+        # -> SOPInstanceUID -> (send, association) of each 0xA7xx refusal of it.
+        self._busy: dict[str, dict[str, list[tuple[int, str | None]]]] = {}
+        self._sends = 0
         self.run_id: str | None = None
         self._torn_tail = False
         self._load()
@@ -252,8 +261,34 @@ class Record:
         """Sent without an answer: the peer may hold them, so a resend is a possible duplicate."""
         return set(self._unanswered.get(dest, ()))
 
-    def store(self, dest: str, result: StoreResult, attempt: int) -> None:
-        """Record one answer (or its absence) as soon as it is known."""
+    def answer(self, dest: str, sop: str) -> StoreResult | None:
+        """The last answer (or its absence) recorded for `sop` at `dest` in this run."""
+        return self._answers.get(dest, {}).get(sop)
+
+    def failed_for_good(self, dest: str) -> set[str]:
+        """Instances whose last answer in this run says no retry in it would store them."""
+        return {sop for sop, r in self._answers.get(dest, {}).items() if r.final}
+
+    def new_send(self) -> int:
+        """Number one attempt at one destination (ascending over the whole run: two entries
+        of a job may send to one destination), for `store` and `busy_refusals`."""
+        self._sends += 1
+        return self._sends
+
+    def busy_refusals(self, dest: str, sop: str, before: int) -> list[bool]:
+        """For each 0xA7xx (out of resources) refusal of `sop` at `dest` in this run's sends
+        before `before` (`new_send`): whether the destination stored other instances over
+        the same association, i.e. had the resources, just not for this one."""
+        stored = self._stored_over.get(dest, Counter())
+        return [
+            association is not None and stored[(send, association)] > 0
+            for send, association in self._busy.get(dest, {}).get(sop, [])
+            if send < before
+        ]
+
+    def store(self, dest: str, result: StoreResult, attempt: int, send: int = 0) -> None:
+        """Record one answer (or its absence) as soon as it is known; `send` as given by
+        `new_send` for the attempt that got it."""
         sop = result.file.sop_instance_uid
         entry: dict[str, Any] = {
             "event": "store",
@@ -266,13 +301,23 @@ class Record:
         }
         if result.error:
             entry["error"] = result.error
+        if result.permanent:
+            entry["permanent"] = True
         if result.converted_from:
             entry["converted_from"] = result.converted_from
             entry["converted_to"] = result.converted_to
+        if result.association is not None:
+            entry["association"] = result.association
         if sop in self._unanswered.get(dest, ()):
             entry["possible_duplicate"] = True
         self._write(entry)
         self._apply(dest, sop, self.run_id or "", result.stored, result.status)
+        self._answers.setdefault(dest, {})[sop] = result
+        if result.stored and result.association is not None:
+            self._stored_over.setdefault(dest, Counter())[(send, result.association)] += 1
+        elif result.status is not None and status_is_transient(result.status):
+            refusals = self._busy.setdefault(dest, {}).setdefault(sop, [])
+            refusals.append((send, result.association))
 
     def not_sent(self, dest: str, relpath: str, reason: str, sop: str | None) -> None:
         """Record a file the entry would send that cannot go (unreadable or damaged)."""

@@ -119,12 +119,11 @@ class Attempt:
 
     @property
     def transient(self) -> bool:
-        if self.error is not None:
-            return self.error.transient
-        return all(
-            not r.permanent and (r.status is None or status_is_transient(r.status))
-            for r in self.failures.values()
-        )
+        """Whether another attempt may store what this one did not: the destination
+        failed for a transient reason, or a file did (no answer, 0xA7xx) not for good."""
+        if self.error is not None and self.error.transient:
+            return True
+        return any(not r.final for r in self.failures.values())
 
     def reason(self) -> str | None:
         if self.error is not None:
@@ -144,6 +143,40 @@ def missing(
     return [f for f in files if f.sop_instance_uid not in done]
 
 
+def to_send(
+    record: Record, endpoint: Endpoint, files: Sequence[DicomFile], force: bool
+) -> list[DicomFile]:
+    """What an attempt sends: what is missing, less what failed for good in this run."""
+    given_up = record.failed_for_good(endpoint.key)
+    return [
+        f for f in missing(record, endpoint, files, force) if f.sop_instance_uid not in given_up
+    ]
+
+
+def judged(record: Record, dest: str, result: StoreResult, send: int) -> StoreResult:
+    """`result`, counted as the file's own refusal when it says so.
+
+    A 0xA7xx (out of resources) refusal is retried as a transient failure of the
+    destination, unless the destination refused this file so on an earlier attempt of this
+    run and then stored another file over the same association: it has the resources,
+    just not for this file (Orthanc refusing a codec it lacks). The file then fails alone,
+    like a permanent refusal; a destination that refuses everything is still retried.
+    Decided from the record, so the Prefect task's retries decide the same.
+    """
+    if result.stored or result.permanent or result.status is None:
+        return result
+    if not status_is_transient(result.status):
+        return result
+    earlier = record.busy_refusals(dest, result.file.sop_instance_uid, send)
+    if not any(earlier):
+        return result
+    why = (
+        f"{result.error}; refused so on {len(earlier) + 1} attempts, while the destination "
+        "stored other files over the same association: counted as refused, not retried"
+    )
+    return replace(result, error=why, permanent=True)
+
+
 def attempt_once(
     record: Record,
     endpoint: Endpoint,
@@ -153,30 +186,37 @@ def attempt_once(
     force: bool,
     progress: Progress | None = None,
 ) -> Attempt:
-    """Send what is missing once; every answer is in the record before this returns."""
-    todo = missing(record, endpoint, files, force)
+    """Send what is missing once; every answer is in the record before this returns.
+
+    Files that failed for good earlier in this run (refused permanently, ended an
+    association twice, refused as above) are not sent again: they stay failed.
+    """
+    todo = to_send(record, endpoint, files, force)
     result = Attempt()
     if not todo:
         return result
     result.number = attempt
-    answered = 0
+    send = record.new_send()
+    answered: set[str] = set()  # a file put aside is answered twice
 
     def on_result(r: StoreResult) -> None:
-        nonlocal answered
-        record.store(endpoint.key, r, attempt)
-        answered += 1
+        r = judged(record, endpoint.key, r, send)
+        record.store(endpoint.key, r, attempt, send)
+        answered.add(r.file.sop_instance_uid)
         if r.stored:
             result.failures.pop(r.file.sop_instance_uid, None)
         else:
             result.failures[r.file.sop_instance_uid] = r
+            if r.final:
+                routing_log.file_failed(record.job_dir, endpoint, r, attempt)
         if progress:
-            progress(endpoint.key, answered, len(todo))
+            progress(endpoint.key, len(answered), len(todo))
 
     try:
         send_files(endpoint, todo, settings.timeouts(), on_result)
     except SendError as exc:
         result.error = exc
-    result.sent = answered
+    result.sent = len(answered)
     return result
 
 
@@ -195,35 +235,50 @@ def summarize(
 
     `done_before`: what counted as there when the entry began (`already_there`); an
     instance an earlier entry of this run stored counts as already there, not as stored
-    again. Unsendable files are failures of the entry, listed first.
+    again. Unsendable files are failures of the entry, listed first. Each file not stored
+    is listed with its last answer in this run (a file that failed for good on an earlier
+    attempt keeps its own reason); one never answered gets the reason the last attempt
+    ended with.
     """
     uids = {f.sop_instance_uid for f in files}
     stored_now = record.stored_at(endpoint.key, this_run_only=True) - done_before
     left = missing(record, endpoint, files, force)
+    ended = last.error.reason if last and last.error else None
     failures: list[dict[str, Any]] = [
         {"file": u.relpath, "status": None, "reason": u.reason}
         for u in unsendable[:_MAX_LISTED_FAILURES]
     ]
-    for f in left[: max(0, _MAX_LISTED_FAILURES - len(failures))]:
-        answer = last.failures.get(f.sop_instance_uid) if last else None
-        failures.append(
-            {
-                "file": f.relpath,
-                "status": None
-                if answer is None or answer.status is None
-                else f"0x{answer.status:04X}",
-                "reason": (answer.error if answer else None)
-                or (last.reason() if last else None)
-                or "not sent",
-            }
-        )
-    reasons = []
+    own: list[tuple[DicomFile, str]] = []  # files with a reason of their own
+    for f in left:
+        answer = record.answer(endpoint.key, f.sop_instance_uid)
+        reason = (answer.error if answer else None) or ended or "not sent"
+        if answer is not None and answer.error and answer.error != ended:
+            own.append((f, answer.error))
+        if len(failures) < _MAX_LISTED_FAILURES:
+            status = None if answer is None or answer.status is None else answer.status
+            failures.append(
+                {
+                    "file": f.relpath,
+                    "status": None if status is None else f"0x{status:04X}",
+                    "reason": reason,
+                }
+            )
+    parts = []
     if unsendable:
-        first = unsendable[0]
-        more = f" (and {len(unsendable) - 1} more)" if len(unsendable) > 1 else ""
-        reasons.append(f"{len(unsendable)} cannot be sent: {first.relpath}: {first.reason}{more}")
-    if last and left:
-        reasons.append(last.reason() or "not sent")
+        first_u = unsendable[0]
+        more_u = f" (and {len(unsendable) - 1} more)" if len(unsendable) > 1 else ""
+        parts.append(
+            f"{len(unsendable)} cannot be sent: {first_u.relpath}: {first_u.reason}{more_u}"
+        )
+    if left:
+        if ended:
+            parts.append(ended)
+        if own:
+            (first, why), more = own[0], len(own) - 1
+            others = f" (and {more} more)" if more else ""
+            parts.append(f"{len(own)} not stored: {first.relpath}: {why}{others}")
+        if not ended and not own:
+            parts.append(f"{len(left)} not stored")
     return Delivery(
         destination=str(endpoint),
         selected=len(files) + len(unsendable),
@@ -232,8 +287,8 @@ def summarize(
         failed=len(left) + len(unsendable),
         attempts=attempts,
         seconds=seconds,
-        error="; ".join(reasons) or None,
-        transient=bool(last and left and last.transient)
+        error="; ".join(parts) or None,
+        transient=bool(left and last and last.transient)
         and not any(u.permanent for u in unsendable),
         failures=failures,
     )
@@ -262,7 +317,10 @@ def deliver_with_retries(
     sleep: Callable[[float], None] = time.sleep,
     unsendable: Sequence[Unsendable] = (),
 ) -> Delivery:
-    """Attempt, and retry transient failures with backoff; permanent ones fail at once."""
+    """Attempt, and retry transient failures with backoff; permanent ones fail at once.
+
+    A retry sends what is still missing and may still be stored (`attempt_once`).
+    """
     done_before = already_there(record, endpoint, files, force)
     note_unsendable(record, endpoint, unsendable)
     delays = settings.retry_delays()
@@ -270,7 +328,7 @@ def deliver_with_retries(
     last: Attempt | None = None
     attempts = 0
     for attempt in range(1, len(delays) + 2):
-        if not missing(record, endpoint, files, force):
+        if not to_send(record, endpoint, files, force):
             break
         attempts = attempt
         last = attempt_once(record, endpoint, files, settings, attempt, force, progress)

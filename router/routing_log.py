@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from router.config import RuleSpec, SendEntry
     from router.job import Job, JobInvalid
-    from router.model import Endpoint
+    from router.model import Endpoint, StoreResult
     from router.report import Delivery, JobReport
 
 logger = logging.getLogger("router.routing")
@@ -166,6 +166,21 @@ def retry(
             outcome="retrying",
             delay=f"{delay:g}s",
             reason=reason,
+        )
+    )
+
+
+def file_failed(job_dir: Path, endpoint: Endpoint, result: StoreResult, attempt: int) -> None:
+    """A file that failed for good at a destination, as it happens: which and why."""
+    logger.warning(
+        _line(
+            job=job_dir,
+            dest=endpoint,
+            file=result.file.relpath,
+            attempt=attempt,
+            status=None if result.status is None else f"0x{result.status:04X}",
+            outcome="file-failed",
+            reason=result.error,
         )
     )
 

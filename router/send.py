@@ -2,8 +2,10 @@
 
 The caller (the routing step) keeps the crash-safe record: this module reports every
 answered file through `on_result` the moment its answer is known and raises `SendError`
-when an association cannot be made or breaks. Files it never attempted are not reported, so
-the caller retries exactly what is missing.
+when the destination cannot be reached or keeps breaking associations. Files it never
+attempted are not reported, so the caller retries exactly what is missing. One file that
+makes the destination abort (or reset, or never answer) costs a new association for the
+files after it and one to try it again alone, not the whole destination (`_Sender`).
 
 pynetdicom as shipped sends ~50 images/s over loopback. This module uses pynetdicom for
 what it does well (negotiating, releasing and aborting associations, TLS, sending the
@@ -528,20 +530,94 @@ class _MessageBroken(Exception):
     """A local error (file unreadable) interrupted a C-STORE after it began on the wire."""
 
 
+_KINDS = {
+    "aborted": "the destination aborted the association twice while receiving this file",
+    "lost": "the connection to the destination was lost twice while sending this file",
+    "timeout": "the destination did not answer this file twice within the DIMSE time-out",
+    "protocol": "the destination answered this file twice with something other than its "
+    "C-STORE response",
+}
+"""How a file that ended its association twice in the same way failed, in words."""
+
+
+class _Broken(Exception):
+    """The association ended abnormally: aborted, reset, no answer in time, a wrong answer.
+
+    `file` was in flight (not yet reported), or None when it ended between two files.
+    `send_on` adds what the caller needs to go on: the files after the one in flight,
+    those to be converted, and whether the peer answered anything on this association.
+    """
+
+    def __init__(self, reason: str, kind: str, file: DicomFile | None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.kind = kind
+        self.file = file
+        self.rest: list[DicomFile] = []
+        self.refused: list[DicomFile] = []
+        self.answered = 0
+
+
+class _TooManyBroken(Exception):
+    """`MAX_BROKEN` associations of one run ended abnormally: give the destination up."""
+
+
+@dataclass(frozen=True)
+class _Aside:
+    """A file in flight when its association ended, to be tried again alone at the end."""
+
+    file: DicomFile
+    first: _Broken
+    converting: bool
+
+
+MAX_BROKEN = 5
+"""Associations of one run of files that may end abnormally with a file in flight before
+the run gives the destination up (after trying the files put aside alone): each costs a
+new association, and a stalled one the DIMSE time-out."""
+
+NO_PROGRESS = 2
+"""When this many associations in a row ended before the peer answered any file on them,
+the next one starts with the run's last file instead of the next: a run of bad files goes
+on, and a destination that aborts on everything (or fell over) is given up when that one
+fails too: fast (3 associations), and as a transient failure, its files left for a retry."""
+
+
 class _Sender:
-    """One `send_files` call: its destination, settings and result callback."""
+    """One `send_files` call: its destination, settings and result callback.
+
+    An association that ends abnormally with a file in flight does not end the run: that
+    file is put aside (reported as unanswered), the files after it go on at once over a
+    new association, and once the others are done each file put aside is sent again
+    alone. One that ends that association too fails alone, for good (`permanent`); the
+    peer may hold it, which the record knows from the first report. `NO_PROGRESS` and
+    `MAX_BROKEN` bound the new associations, so a destination that is the problem still
+    fails fast and as a transient failure (`SendError`).
+    """
 
     def __init__(
         self,
         endpoint: Endpoint,
         timeouts: Timeouts,
         on_result: Callable[[StoreResult], None],
+        label: str = "",
     ) -> None:
         self.endpoint = endpoint
         self.timeouts = timeouts
         self.on_result = on_result
         self.ae = _make_ae(endpoint, timeouts)
         self.tls_args = _tls_args(endpoint)
+        self.label = label
+        self.made = 0
+        """Associations established so far (their ids: label + number)."""
+        self.current: str | None = None
+        self.broken = 0
+        """Associations of the main sequence that ended abnormally."""
+        self.idle_in_a_row = 0
+        self.aside: list[_Aside] = []
+
+    def report(self, f: DicomFile, status: int | None, error: str | None, **kw: Any) -> None:
+        self.on_result(StoreResult(f, status, error, association=self.current, **kw))
 
     def associate(self, contexts: Sequence[tuple[str, Sequence[str]]]) -> Association:
         """Open an association proposing `contexts` (SOP class, transfer syntaxes).
@@ -549,6 +625,7 @@ class _Sender:
         SendError or _NoContext if it fails.
         """
         ep = self.endpoint
+        self.current = None  # until this one is made
         token = _requesting.set(True)
         try:
             assoc = self.ae.associate(
@@ -570,6 +647,8 @@ class _Sender:
         finally:
             _requesting.reset(token)
         if assoc.is_established:
+            self.made += 1
+            self.current = f"{self.label}{self.made}"
             log.debug("associated with %s, %d contexts", ep, len(contexts))
             return assoc
         try:
@@ -607,10 +686,15 @@ class _Sender:
         for f in files:
             members[group_of[(f.sop_class_uid, f.transfer_syntax_uid)]].append(f)
         refused_groups: list[list[tuple[str, str]]] = []
-        for g, group_files in enumerate(members):
-            contexts = pairs[g * MAX_CONTEXTS : (g + 1) * MAX_CONTEXTS]
-            if not self.send_group(contexts, group_files):
-                refused_groups.append(contexts)
+        try:
+            for g, group_files in enumerate(members):
+                contexts = pairs[g * MAX_CONTEXTS : (g + 1) * MAX_CONTEXTS]
+                if not self.send_group(contexts, group_files):
+                    refused_groups.append(contexts)
+        except _TooManyBroken as exc:
+            self.send_aside()
+            raise SendError(str(exc), transient=True) from None
+        self.send_aside()
         if refused_groups:
             proposed = [pair for group in refused_groups for pair in group]
             classes = sorted({_name(sop) for sop, _ in proposed})
@@ -621,7 +705,8 @@ class _Sender:
             )
 
     def send_group(self, pairs: Sequence[tuple[str, str]], files: list[DicomFile]) -> bool:
-        """Send `files` over one association (more only after a local file error).
+        """Send `files` over one association (more after a local file error, or after the
+        association ended abnormally: see the class).
 
         What the peer takes in none of the proposed contexts is converted when the
         destination allows it, else reported. Returns False when the peer accepted none of
@@ -636,7 +721,10 @@ class _Sender:
                 unaccepted += pending
                 accepted_any = False
                 break
-            pending, refused = self.send_on(assoc, pending)
+            try:
+                pending, refused = self.send_on(assoc, pending)
+            except _Broken as broken:
+                pending, refused = self.went_wrong(broken, converting=False), broken.refused
             unaccepted += refused
         if unaccepted and self.endpoint.convert:
             return self.send_converted(unaccepted) or accepted_any
@@ -655,8 +743,76 @@ class _Sender:
                 for f in pending:
                     self._no_context(f, converting=True)
                 return False
-            pending, _ = self.send_on(assoc, pending, converting=True)
+            try:
+                pending, _ = self.send_on(assoc, pending, converting=True)
+            except _Broken as broken:
+                pending = self.went_wrong(broken, converting=True)
         return True
+
+    def went_wrong(self, broken: _Broken, *, converting: bool) -> list[DicomFile]:
+        """An association of the main sequence ended abnormally: report the file in flight
+        as unanswered and put it aside; return the files to go on with, or give up."""
+        self.broken += 1
+        self.idle_in_a_row = 0 if broken.answered else self.idle_in_a_row + 1
+        f = broken.file
+        if f is not None:
+            self.report(f, None, broken.reason)
+            self.aside.append(_Aside(f, broken, converting))
+        if self.idle_in_a_row > NO_PROGRESS or (
+            self.idle_in_a_row == NO_PROGRESS and not broken.rest
+        ):
+            raise SendError(
+                f"{broken.reason} ({self.idle_in_a_row} associations in a row ended "
+                "before any file on them was answered)",
+                transient=True,
+            )
+        if self.idle_in_a_row == NO_PROGRESS:
+            # Two files in a row, or a destination that takes nothing any more? The last
+            # file goes first, likely not of the same run: answered, the run goes on.
+            log.warning(
+                "%s: %d associations in a row ended before any answer; trying %s next",
+                self.endpoint.key,
+                self.idle_in_a_row,
+                broken.rest[-1].relpath,
+            )
+            broken.rest = [broken.rest[-1], *broken.rest[:-1]]
+        if self.broken >= MAX_BROKEN:
+            raise _TooManyBroken(
+                f"{broken.reason} ({self.broken} associations ended abnormally in one run)"
+            )
+        where = f"while sending {f.relpath}" if f is not None else "between two files"
+        log.warning(
+            "%s: association ended %s (%s); %d file(s) after it go on over a new one%s",
+            self.endpoint.key,
+            where,
+            broken.reason,
+            len(broken.rest),
+            f", {f.relpath} is sent again alone at the end" if f is not None else "",
+        )
+        return broken.rest
+
+    def send_aside(self) -> None:
+        """Send each file put aside again, alone; one that ends that association too fails
+        for good, with both reasons."""
+        aside, self.aside = self.aside, []
+        for item in aside:
+            f = item.file
+            syntaxes = _UNCOMPRESSED if item.converting else [f.transfer_syntax_uid]
+            try:
+                assoc = self.associate([(f.sop_class_uid, syntaxes)])
+            except _NoContext:
+                self._no_context(f, converting=item.converting)
+                continue
+            try:
+                left, refused = self.send_on(assoc, [f], converting=item.converting)
+            except _Broken as again:
+                if again.file is None:  # ended before it went: the destination's doing
+                    raise SendError(again.reason, transient=True) from None
+                self.report(f, None, _twice(item.first, again), permanent=True)
+                log.warning("%s: %s: %s", self.endpoint.key, f.relpath, _twice(item.first, again))
+                continue
+            for lost in (*left, *refused):  # its context is no longer there, or unreadable
+                self._no_context(lost, converting=item.converting)
 
     def _no_context(self, f: DicomFile, *, converting: bool = False) -> None:
         error = (
@@ -665,7 +821,7 @@ class _Sender:
         )
         if converting:
             error += ", nor in an uncompressed transfer syntax"
-        self.on_result(StoreResult(f, None, error, permanent=True))
+        self.report(f, None, error, permanent=True)
 
     def send_on(
         self, assoc: Association, files: list[DicomFile], *, converting: bool = False
@@ -674,7 +830,8 @@ class _Sender:
 
         Returns the files left when a local error broke a message (to go on with over a
         new association) and those the peer has no context for, if they are to be
-        converted (otherwise they are reported here).
+        converted (otherwise they are reported here). Raises `_Broken` if the association
+        ended abnormally, with what is left to send.
         """
         accepted: dict[Any, Any]  # what a file needs -> what sending it takes
         if converting:  # SOP class -> the uncompressed syntax the peer chose for it
@@ -686,7 +843,7 @@ class _Sender:
             }
         msg_ids = itertools.cycle(range(1, 0x10000))
         refused: list[DicomFile] = []
-        done = 0
+        done = answered = 0
         clean = False
         try:
             with (
@@ -707,33 +864,38 @@ class _Sender:
                             self._no_context(f, converting=converting)
                         continue
                     if channel is not None:
-                        self.stream(channel, f, accepted[key], next(msg_ids))
+                        answered += self.stream(channel, f, accepted[key], next(msg_ids))
                         continue
                     self._check_alive(assoc)
                     payload = self._converted(f) if converting else f.path
                     if payload is not None:
                         to = accepted[key] if converting else None
-                        self.store(assoc, checkpoint, f, payload, next(msg_ids), to)
+                        answered += self.store(assoc, checkpoint, f, payload, next(msg_ids), to)
             clean = True
             log.info("association with %s done: %d file(s)", self.endpoint, len(files))
             return [], refused
         except _MessageBroken:
             return files[done:], refused
+        except _Broken as broken:
+            broken.rest = files[done:] if broken.file is not None else files[done - 1 :]
+            broken.refused, broken.answered = refused, answered
+            raise
         finally:
             _close(assoc, release=clean, timeouts=self.timeouts)
 
     def stream(
         self, channel: dimse.StoreChannel, f: DicomFile, context_id: int, msg_id: int
-    ) -> None:
+    ) -> bool:
         """C-STORE one file from disk over the owned connection (`router.dimse`), and report.
 
         The command carries the UIDs the job scan read from the data set; the file's meta
         must still give the transfer syntax the scan found (the context is chosen by it).
+        True if the peer answered; `_Broken` if the association cannot go on.
         """
         try:
             channel.check_idle()
         except dimse.WireError as exc:
-            raise SendError(self._wire_failure(exc), transient=True) from exc
+            raise self._wire_broken(exc, None) from exc
         try:
             with open(f.path, "rb", buffering=0) as fh:
                 meta = dimse.read_file_meta(fh)
@@ -749,28 +911,28 @@ class _Sender:
             # Report it and go on with the others (over a new association if the message
             # was cut short).
             detail = exc.detail if isinstance(exc, dimse.FileProblem) else str(exc)
-            self.on_result(StoreResult(f, None, f"cannot send {f.relpath}: {detail}"))
+            self.report(f, None, f"cannot send {f.relpath}: {detail}")
             if isinstance(exc, dimse.FileProblem) and exc.begun:
                 raise _MessageBroken from exc
-            return
+            return False
         except dimse.WireError as exc:
-            reason = self._wire_failure(exc)
-            self.on_result(StoreResult(f, None, reason))
-            raise SendError(reason, transient=True) from exc
+            raise self._wire_broken(exc, f) from exc
         status, comment = rsp.status, rsp.error_comment
         error = None if status in STORED_STATUSES else _status_text(status, comment)
-        self.on_result(StoreResult(f, rsp.status, error))
+        self.report(f, rsp.status, error)
+        return True
 
-    def _wire_failure(self, exc: dimse.WireError) -> str:
+    def _wire_broken(self, exc: dimse.WireError, f: DicomFile | None) -> _Broken:
         """Why the owned connection cannot go on, in the words of `_abort_text`."""
         key, during = self.endpoint.key, exc.during
         if isinstance(exc, dimse.PeerAborted):
-            return _aborted_by(exc.source, self.endpoint, during)
+            return _Broken(_aborted_by(exc.source, self.endpoint, during), "aborted", f)
         if isinstance(exc, dimse.ConnectionLost):
-            return f"connection to {key} lost {during}: {exc.detail}"
+            return _Broken(f"connection to {key} lost {during}: {exc.detail}", "lost", f)
         if isinstance(exc, dimse.NoResponse):
-            return _dimse_timed_out("C-STORE", self.timeouts)
-        return f"no valid C-STORE response from {key}: {exc.detail}; association aborted"
+            return _Broken(_dimse_timed_out("C-STORE", self.timeouts), "timeout", f)
+        reason = f"no valid C-STORE response from {key}: {exc.detail}; association aborted"
+        return _Broken(reason, "protocol", f)
 
     def _converted(self, f: DicomFile) -> Dataset | None:
         """`f` decoded and uncompressed, or None (reported) if that is not possible.
@@ -793,7 +955,7 @@ class _Sender:
                 raise ValueError("big endian files are not converted")
         except Exception as exc:  # decoders raise many kinds; it is this file's failure
             error = f"cannot convert {f.relpath} from {_name(f.transfer_syntax_uid)}: {exc}"
-            self.on_result(StoreResult(f, None, error, permanent=True))
+            self.report(f, None, error, permanent=True)
             return None
         log.info("converted %s from %s for %s", f.relpath, _name(syntax), self.endpoint.key)
         return ds
@@ -805,7 +967,7 @@ class _Sender:
         if text is None and not assoc.dul.is_alive():
             text = f"connection to {self.endpoint.key} closed between C-STORE requests"
         if text:
-            raise SendError(text, transient=True)
+            raise _Broken(text, "aborted" if isinstance(primitive, A_ABORT) else "lost", None)
 
     def store(
         self,
@@ -815,37 +977,53 @@ class _Sender:
         payload: Path | Dataset,
         msg_id: int,
         converted_to: str | None = None,
-    ) -> None:
-        """C-STORE one file (`payload`: its path, or the converted data set) and report."""
+    ) -> bool:
+        """C-STORE one file (`payload`: its path, or the converted data set) and report.
+
+        True if the peer answered; `_Broken` if the association cannot go on.
+        """
         checkpoint.started = False
         begun = time.monotonic()
         try:
             rsp = assoc.send_c_store(payload, msg_id=msg_id)
         except (OSError, ValueError, AttributeError, InvalidDicomError) as exc:
             # The file, not the peer: unreadable, not Part 10, or its meta disagrees with
-            # what the job scan found. Report it and go on with the others.
-            self.on_result(StoreResult(f, None, f"cannot send {f.relpath}: {exc}"))
+            # what the job scan found. Report it and go on with the others. A converted
+            # data set that cannot be encoded will not be on a retry either.
+            converted = isinstance(payload, Dataset)
+            self.report(f, None, f"cannot send {f.relpath}: {exc}", permanent=converted)
             if checkpoint.started:
                 raise _MessageBroken from exc
-            return
+            return False
         if "Status" not in rsp:
-            reason = self._no_response(assoc, time.monotonic() - begun, "C-STORE")
-            self.on_result(StoreResult(f, None, reason))
-            raise SendError(reason, transient=True)
+            reason, kind = self._no_response(assoc, time.monotonic() - begun, "C-STORE")
+            raise _Broken(reason, kind, f)
         status = int(rsp.Status)
         comment = rsp.get("ErrorComment")
         error = None if status in STORED_STATUSES else _status_text(status, comment)
         converted_from = f.transfer_syntax_uid if converted_to else None
-        self.on_result(StoreResult(f, status, error, converted_from, converted_to))
+        self.report(f, status, error, converted_from=converted_from, converted_to=converted_to)
+        return True
 
-    def _no_response(self, assoc: Association, waited: float, op: str) -> str:
+    def _no_response(self, assoc: Association, waited: float, op: str) -> tuple[str, str]:
+        """Why no response came, and which kind of ending of the association that is."""
         ep, dimse = self.endpoint, self.timeouts.dimse
-        text = _abort_text(assoc.dul.peek_next_pdu(), ep, f"while waiting for the {op} response")
+        primitive = assoc.dul.peek_next_pdu()
+        text = _abort_text(primitive, ep, f"while waiting for the {op} response")
         if text:
-            return text
+            return text, "aborted" if isinstance(primitive, A_ABORT) else "lost"
         if dimse is not None and waited >= dimse * 0.95:
-            return _dimse_timed_out(op, self.timeouts)
-        return f"no valid {op} response from {ep.key}; association aborted"
+            return _dimse_timed_out(op, self.timeouts), "timeout"
+        return f"no valid {op} response from {ep.key}; association aborted", "protocol"
+
+
+def _twice(first: _Broken, again: _Broken) -> str:
+    """Why a file that ended two associations (with the others, then alone) failed."""
+    if first.kind == again.kind:
+        return f"{_KINDS[again.kind]} (sent with the others, then alone: {again.reason})"
+    return (
+        f"this file ended the association twice: {first.reason}; sent again alone: {again.reason}"
+    )
 
 
 def send_files(
@@ -862,10 +1040,14 @@ def send_files(
     on. A file the peer has no context for is converted over a second association when
     `endpoint.convert` (decoded, in an uncompressed syntax); one that still can't go, or
     that cannot be read, is reported with status None and sending goes on (permanent for
-    that file). An association that cannot be made or breaks raises `SendError` after
-    reporting the file in flight (status None); files not attempted are not reported. If
-    the peer accepted none of the contexts, every file is reported and a permanent
-    `SendError` is raised at the end.
+    that file). An association that ends abnormally (abort, reset, DIMSE time-out, a
+    wrong answer) reports the file in flight as unanswered (status None) and the files
+    after it go on over a new association; the file is sent again alone at the end and,
+    if that association ends too, reported again as failed for good (`permanent`). An
+    association that cannot be made, more than `NO_PROGRESS` associations in a row that
+    end before any answer, or `MAX_BROKEN` that end abnormally raise `SendError`
+    (transient); files not attempted are not reported. If the peer accepted none of the
+    contexts, every file is reported and a permanent `SendError` is raised at the end.
 
     `endpoint.associations` > 1 spreads the files, in consecutive runs, over up to that
     many associations at once, each in a process of its own (threads gain nothing: the
@@ -898,7 +1080,7 @@ def echo(endpoint: Endpoint, timeouts: Timeouts) -> int:
         begun = time.monotonic()
         rsp = assoc.send_c_echo()
         if "Status" not in rsp:
-            reason = sender._no_response(assoc, time.monotonic() - begun, "C-ECHO")
+            reason, _ = sender._no_response(assoc, time.monotonic() - begun, "C-ECHO")
             raise SendError(reason, transient=True)
         clean = True
         return int(rsp.Status)

@@ -8,16 +8,21 @@ hundreds of 512x512 CT images (~0.5 MB each) take well under a second per hundre
 from __future__ import annotations
 
 import json
+import shutil
+import warnings
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom.data
 from pydicom import dcmread
+from pydicom.data import get_testdata_files
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.filewriter import dcmwrite, write_dataset, write_file_meta_info
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     UID,
@@ -29,7 +34,7 @@ from pydicom.uid import (
 
 from router.model import DicomFile
 
-__all__ = ["dicom_file", "write_ct", "write_encoded_as", "write_job"]
+__all__ = ["dicom_file", "write_ct", "write_encoded_as", "write_job", "write_pydicom_corpus"]
 
 
 @lru_cache(maxsize=8)
@@ -193,3 +198,51 @@ def write_job(
             target = job_dir / folder / f"{folder[:2]}{number:06d}.dcm"
             files.append(write_ct(target, instance_number=number, **series_kw))
     return files
+
+
+def write_pydicom_corpus(folder: Path | str) -> list[Path]:
+    """Copy pydicom's test files (those on disk) under `folder`; return the instances.
+
+    What a new user would try: every file that pydicom reads and that has a
+    SOPInstanceUID is re-saved by pydicom with fresh Study, Series and SOP Instance UIDs
+    (so that a PACS holds them apart from any earlier copy) and is otherwise as it is,
+    defects included: `SC_rgb_jpeg.dcm`, whose data set is in implicit VR under a meta
+    that says JPEG Baseline, cannot be written by pydicom that way and is written in
+    implicit VR, as it was. DICOMDIRs and files that are not DICOM are copied byte for
+    byte. Left out: the few data sets without a SOPInstanceUID (fragments for pydicom's
+    parser tests), which a receiver stores under a UID of its own making, so what
+    arrived could not be counted. Paths below `folder` are those below pydicom's folder.
+    """
+    folder = Path(folder)
+    source = Path(pydicom.data.__file__).parent / "test_files"
+    instances: list[Path] = []
+    for name in sorted(get_testdata_files()):
+        path = Path(name)
+        if not path.is_file():
+            continue
+        target = folder / (path.relative_to(source) if path.is_relative_to(source) else path.name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns about each defect it reads
+            try:
+                ds = dcmread(path)
+            except (InvalidDicomError, OSError, ValueError):
+                ds = None
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if ds is None or ds.get("DirectoryRecordSequence") is not None:
+                shutil.copyfile(path, target)
+                continue
+            if "SOPInstanceUID" not in ds:
+                continue
+            fresh: dict[str, str] = {}
+            for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+                if keyword in ds:
+                    setattr(ds, keyword, fresh.setdefault(str(ds[keyword].value), generate_uid()))
+            meta = getattr(ds, "file_meta", None)
+            if meta is not None and "MediaStorageSOPInstanceUID" in meta:
+                meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            try:
+                ds.save_as(target)
+            except (TypeError, ValueError):
+                dcmwrite(target, ds, implicit_vr=True, little_endian=True, force_encoding=True)
+        instances.append(target)
+    return instances

@@ -14,7 +14,9 @@ What arrived is recorded: `arrivals` (one `Arrival` per stored instance, in orde
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
+import struct
 import threading
 import time
 from collections import Counter
@@ -56,7 +58,10 @@ class StorageSCP:
     - `refuse_instances`: SOPInstanceUID -> status to answer instead of success.
     - `refuse_at`: C-STORE request number -> status.
     - `abort_at`: request numbers at which the SCP aborts the association instead of
-      answering (`abort_after(n)` = abort on request n + 1, after n answered stores).
+      answering (`abort_after(n)` = abort on request n + 1, after n answered stores);
+      `abort_instances`: the same for these SOPInstanceUIDs, every time they come.
+    - `reset_at` / `reset_instances`: as `abort_at` / `abort_instances`, but the SCP
+      resets the TCP connection (close with SO_LINGER 0: an RST, no A-ABORT).
     - `stall_at` / `stall_instances`: request numbers / SOPInstanceUIDs for which the SCP
       keeps the instance but does not answer for `stall_seconds` (released early at
       teardown): a lost or late response.
@@ -79,6 +84,9 @@ class StorageSCP:
     refuse_instances: dict[str, int] = field(default_factory=dict)
     refuse_at: dict[int, int] = field(default_factory=dict)
     abort_at: set[int] = field(default_factory=set)
+    abort_instances: set[str] = field(default_factory=set)
+    reset_at: set[int] = field(default_factory=set)
+    reset_instances: set[str] = field(default_factory=set)
     stall_at: set[int] = field(default_factory=set)
     stall_instances: set[str] = field(default_factory=set)
     stall_seconds: float = 30.0
@@ -216,9 +224,15 @@ class StorageSCP:
         uid = str(event.request.AffectedSOPInstanceUID)
         if self.delay:
             time.sleep(self.delay)
-        if number in self.abort_at:
+        if number in self.abort_at or uid in self.abort_instances:
             log.info("test SCP: aborting on C-STORE #%d (%s)", number, uid)
             event.assoc.abort()
+            return 0xC000
+        if number in self.reset_at or uid in self.reset_instances:
+            log.info("test SCP: resetting the connection on C-STORE #%d (%s)", number, uid)
+            sock = event.assoc.dul.socket.socket
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
             return 0xC000
         if number in self.raw_answer_at:
             log.info("test SCP: raw answer to C-STORE #%d (%s)", number, uid)

@@ -30,6 +30,9 @@ KNOWN_DAMAGED = {
     "MR_truncated.dcm": "its data set does not read in Explicit VR Little Endian: it is cut "
     "short: element (7FE0,0010) PixelData at byte 1488 declares 8192 bytes, and the file has "
     "8130 left",
+    "DICOMDIR-nooffset": "its data set does not read in Explicit VR Little Endian: a sequence "
+    "item at byte 10860 declares 248 bytes, more than (0004,1220) DirectoryRecordSequence "
+    "holds (224 left)",
     "SC_rgb_jpeg.dcm": "its data set is encoded in implicit VR little endian, while its file "
     "meta declares JPEG Baseline (Process 1) (explicit VR little endian)",
     "rtplan_truncated.dcm": "its data set does not read in Implicit VR Little Endian: it is "

@@ -145,6 +145,51 @@ def test_failed_routing_fails_the_flow_run_and_a_rerun_completes_it(
     assert read_status(job).state == "routed"  # type: ignore[union-attr]
 
 
+def test_the_send_task_isolates_a_faulty_file_and_stops_retrying_a_refused_one(
+    prefect_api: str,
+    router_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    scp: Callable[..., Any],
+) -> None:
+    """The same decisions as the plain path, across Prefect's retries of the send task."""
+    from flows.route_job import RoutingFailed, route_job_flow
+
+    monkeypatch.setenv("DICOM_ROUTER_RETRIES", "3")  # it must stop after the first
+    server = scp(ae_title="PACS")
+    job = tmp_path / "job"
+    paths = write_job(job, n_output=6, n_input=0)
+    aborts, refused = (dicom_file(p).sop_instance_uid for p in paths[1:3])
+    server.abort_instances.add(aborts)  # ends the association each time it comes
+    server.refuse_instances[refused] = 0xA700  # refused each time, the others stored
+    config = write_config(tmp_path / "routing.json", {"send": [{".*": dest(server.port, "PACS")}]})
+
+    state = route_job_flow(
+        job_dir=str(job),
+        config=str(config),
+        log_file=router_env["DICOM_ROUTER_LOG_FILE"],
+        return_state=True,
+    )
+
+    assert state.is_failed()
+    report = state.result(raise_on_failure=False).report  # type: ignore[union-attr]
+    assert isinstance(state.result(raise_on_failure=False), RoutingFailed)
+    delivery = report.rules[0].entries[0].delivery
+    assert delivery is not None and (delivery.stored, delivery.failed) == (4, 2)
+    assert delivery.attempts == 2 and not delivery.transient
+    reasons = {f["file"]: f["reason"] for f in delivery.failures}
+    assert reasons["OUTPUT/OU000002.dcm"].startswith(
+        "the destination aborted the association twice while receiving this file"
+    )
+    assert "counted as refused, not retried" in reasons["OUTPUT/OU000003.dcm"]
+    assert server.counts == {u: 1 for u in output_uids(job) - {aborts, refused}}
+    # One task, retried once by Prefect: the aborting file was not sent again.
+    _, tasks, _ = asyncio.run(_runs_of(state.state_details.flow_run_id))
+    (send,) = [t for t in tasks if t.name.startswith("send ")]
+    assert send.run_count == 2
+    assert server.associations == 3 + 1  # 1st attempt: 3 (isolation); 2nd: the refused one
+
+
 # --- the command line -----------------------------------------------------------------------
 
 

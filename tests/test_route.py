@@ -206,17 +206,51 @@ def test_out_of_resources_is_retried(tmp_path: Path, scp: Callable[..., Any]) ->
     assert len(refused) == 1 and refused[0]["attempt"] == 1
 
 
-def test_abort_mid_association_is_retried_without_duplicates(
+def test_a_destination_that_refuses_everything_with_0xa700_is_retried(
+    tmp_path: Path, scp: Callable[..., Any]
+) -> None:
+    server = scp()
+    job = tmp_path / "job"
+    files = write_job(job, n_output=3, n_input=0)
+    for uid in uids(files, "OUTPUT"):
+        server.refuse_instances[uid] = 0xA700
+    report = route_job(job, rules({"send": [{".*": dest(server.port)}]}), settings(tmp_path))
+    delivery = report.rules[0].entries[0].delivery
+    assert report.state == "failed" and delivery is not None
+    assert delivery.attempts == 3 and delivery.transient  # all its retries: out of resources
+    assert [f["status"] for f in delivery.failures] == ["0xA700"] * 3
+    assert not any("counted as refused" in f["reason"] for f in delivery.failures)
+    assert server.counts == {} and server.requests == 9
+
+
+def test_abort_mid_association_is_isolated_without_a_retry(
     tmp_path: Path, scp: Callable[..., Any]
 ) -> None:
     server = scp()
     job = tmp_path / "job"
     files = write_job(job, n_output=6, n_input=0)
-    server.abort_at.add(3)
+    server.abort_at.update({3, 4})  # the 3rd and 4th file, once each
+    report = route_job(job, rules({"send": [{".*": dest(server.port)}]}), settings(tmp_path))
+    assert report.state == "routed"
+    assert server.counts == {uid: 1 for uid in uids(files, "OUTPUT")}
+    assert report.rules[0].entries[0].delivery.attempts == 1  # type: ignore[union-attr]
+    assert server.associations == 5  # 3 in order, then the two files put aside, alone
+
+
+def test_a_destination_that_aborts_everything_is_retried_without_duplicates(
+    tmp_path: Path, scp: Callable[..., Any]
+) -> None:
+    server = scp()
+    job = tmp_path / "job"
+    files = write_job(job, n_output=6, n_input=0)
+    server.abort_at.update({1, 2, 3})  # three associations in a row end before any answer
     report = route_job(job, rules({"send": [{".*": dest(server.port)}]}), settings(tmp_path))
     assert report.state == "routed"
     assert server.counts == {uid: 1 for uid in uids(files, "OUTPUT")}
     assert report.rules[0].entries[0].delivery.attempts == 2  # type: ignore[union-attr]
+    assert server.associations == 3 + 1
+    log = (tmp_path / "routing.log").read_text()
+    assert "outcome=retrying" in log and "3 associations in a row ended before any" in log
 
 
 def test_a_lost_response_is_resent_and_recorded_as_a_possible_duplicate(

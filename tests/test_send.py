@@ -129,16 +129,23 @@ def test_pynetdicom_own_send_path_still_works(
     monkeypatch.setattr(router.send, "DIRECT_DATA", False)
     server = scp(keep_data=True)
     server.refuse_at[2] = 0xA700
-    server.abort_after(5)
+    server.abort_instances.add(files[5].sop_instance_uid)  # each time it comes
     results = Results()
 
-    with pytest.raises(SendError) as info:
-        send_files(server.endpoint(), files, FAST, results)
+    send_files(server.endpoint(), files, FAST, results)
 
-    assert info.value.transient and "aborted" in info.value.reason
-    assert [r.status for r in results] == [0, 0xA700, 0, 0, 0, None]
-    assert server.counts == Counter(uids([files[0], *files[2:5]]))
-    for f in (files[0], *files[2:5]):
+    # The file that aborts is put aside, the others go on, it fails alone when sent alone.
+    assert [r.file for r in results] == [*files, files[5]]
+    assert [r.status for r in results] == [0, 0xA700, 0, 0, 0, None, 0, 0, None]
+    assert "aborted" in (results[5].error or "") and not results[5].permanent
+    assert results[-1].permanent
+    assert (results[-1].error or "").startswith(
+        "the destination aborted the association twice while receiving this file"
+    )
+    stored = [files[0], *files[2:5], *files[6:]]
+    assert server.counts == Counter(uids(stored))
+    assert server.associations == 3
+    for f in stored:
         offset = split_dataset(f.path)[1]
         assert server.data[f.sop_instance_uid] == f.path.read_bytes()[offset:]
 
@@ -208,39 +215,127 @@ def test_warning_statuses_count_as_stored(server: StorageSCP, files: list[DicomF
     assert all(r.stored and r.error is None for r in results)
 
 
-def test_abort_mid_association_reports_the_file_in_flight_and_raises_transient(
+def test_an_abort_puts_the_file_in_flight_aside_and_the_others_go_on_at_once(
     server: StorageSCP, files: list[DicomFile]
 ) -> None:
-    server.abort_after(3)
+    server.abort_after(3)  # the 4th C-STORE, once
+    results = Results()
+
+    send_files(server.endpoint(), files, FAST, results)
+
+    # Reported unanswered as the association ended, then stored when sent alone at the end.
+    assert [r.file for r in results] == [*files, files[3]]
+    assert results[3].status is None and "aborted by the peer" in (results[3].error or "")
+    assert server.endpoint().key in (results[3].error or "")
+    assert not results[3].permanent and results[-1].stored
+    assert server.counts == Counter(uids(files))
+    assert server.associations == 3  # the first, one for the files after it, one for it
+    assert len({r.association for r in results}) == 3
+
+
+@pytest.mark.parametrize(
+    ("fault", "words"),
+    [
+        ("abort_instances", "the destination aborted the association twice"),
+        ("reset_instances", "the connection to the destination was lost twice"),
+    ],
+)
+def test_a_file_that_ends_the_association_twice_fails_alone_for_good(
+    server: StorageSCP, files: list[DicomFile], fault: str, words: str
+) -> None:
+    getattr(server, fault).add(files[2].sop_instance_uid)  # each time it comes
+    results = Results()
+    begun = time.monotonic()
+
+    send_files(server.endpoint(), files, FAST, results)
+
+    assert time.monotonic() - begun < 3
+    assert [r.file for r in results] == [*files, files[2]]
+    first, last = results[2], results[-1]
+    assert first.status is None and not first.permanent
+    assert last.status is None and last.permanent
+    assert (last.error or "").startswith(f"{words} while ")
+    assert "sent with the others, then alone" in (last.error or "")
+    others = [f for f in files if f is not files[2]]
+    assert server.counts == Counter(uids(others))
+    assert server.associations == 3
+    assert our_threads() == []
+
+
+def test_a_destination_that_aborts_on_everything_fails_fast_and_transient(
+    server: StorageSCP, files: list[DicomFile]
+) -> None:
+    server.abort_instances.update(uids(files))
     results = Results()
 
     with pytest.raises(SendError) as info:
         send_files(server.endpoint(), files, FAST, results)
 
     assert info.value.transient
-    assert "aborted" in info.value.reason and server.endpoint().key in info.value.reason
-    assert results.stored == uids(files[:3])
-    assert [r.file for r in results] == files[:4]  # files never attempted: not reported
-    assert results[3].status is None and results[3].error == info.value.reason
-    assert server.counts == Counter(uids(files[:3]))
+    assert info.value.reason.startswith("association aborted by the peer")
+    assert info.value.reason.endswith(
+        "(3 associations in a row ended before any file on them was answered)"
+    )
+    # The third association tried the last file, in case the first two were bad files.
+    assert [r.file for r in results] == [files[0], files[1], files[-1]]
+    assert all(r.status is None and not r.permanent for r in results)
+    assert server.associations == 3 and server.counts == Counter()
+
+
+def test_a_run_of_bad_files_is_isolated_file_by_file(
+    server: StorageSCP, files: list[DicomFile]
+) -> None:
+    server.abort_instances.update(uids(files[2:5]))  # three in a row
+    results = Results()
+
+    send_files(server.endpoint(), files, FAST, results)
+
+    # After two associations in a row that ended before any answer, the last file goes
+    # first: stored, so the destination works and the run goes on.
+    order = [*files[:5], files[7], files[5], files[6], *files[2:5]]
+    assert [r.file for r in results] == order
+    assert [r.permanent for r in results[-3:]] == [True, True, True]
+    assert server.counts == Counter(uids([*files[:2], *files[5:]]))
+    assert server.associations == 4 + 3
+
+
+def test_too_many_broken_associations_give_the_destination_up(
+    server: StorageSCP, make_files: Callable[..., list[DicomFile]]
+) -> None:
+    files = make_files(16)
+    for n in (2, 4, 6, 8, 10):  # every other C-STORE aborts, once
+        server.abort_at.add(n)
+    results = Results()
+
+    with pytest.raises(SendError) as info:
+        send_files(server.endpoint(), files, FAST, results)
+
+    assert info.value.transient
+    assert info.value.reason.endswith("(5 associations ended abnormally in one run)")
+    # Up to the 5th abort: those files tried again alone (and stored), then the run ends.
+    aside = [files[i] for i in (1, 3, 5, 7, 9)]
+    assert [r.file for r in results] == [*files[:10], *aside]
+    assert server.counts == Counter(uids(files[:10]))
+    assert server.associations == 5 + 5
 
 
 def test_retrying_what_is_missing_stores_everything_exactly_once(
     server: StorageSCP, files: list[DicomFile]
 ) -> None:
-    server.abort_after(2)
+    server.abort_at.update({3, 4, 5, 6})  # the 3rd to the 6th C-STORE: a peer that fell over
     results = Results()
     with pytest.raises(SendError):
         send_files(server.endpoint(), files, FAST, results)
+    assert [r.file for r in results] == [*files[:5], files[7]]
 
     missing = [f for f in files if f.sop_instance_uid not in results.stored]
     send_files(server.endpoint(), missing, FAST, results)
 
     assert server.counts == Counter(uids(files))
-    assert server.associations == 2
+    assert server.associations == 5
 
 
-def test_stall_past_dimse_timeout_reports_no_response_and_raises_transient(
+def test_a_lost_response_is_reported_unanswered_and_the_file_sent_again_alone(
     server: StorageSCP, files: list[DicomFile]
 ) -> None:
     server.stall_at.add(2)
@@ -248,20 +343,39 @@ def test_stall_past_dimse_timeout_reports_no_response_and_raises_transient(
     results = Results()
     begun = time.monotonic()
 
-    with pytest.raises(SendError) as info:
-        send_files(server.endpoint(), files, Timeouts(dimse=1, acse=5), results)
+    send_files(server.endpoint(), files, Timeouts(dimse=1, acse=5), results)
 
     assert time.monotonic() - begun < 4
-    assert info.value.transient
+    assert [r.file for r in results] == [*files, files[1]]
+    assert results[1].status is None
     assert (
-        info.value.reason == "no C-STORE response within 1 s (DIMSE time-out); association aborted"
+        results[1].error == "no C-STORE response within 1 s (DIMSE time-out); association aborted"
     )
-    assert [r.file for r in results] == files[:2]
-    assert results[0].stored and results[1].status is None
-    assert results[1].error == info.value.reason
-    # The SCP kept the stalled instance: a retry of it would be a duplicate, which is why
-    # the caller records the answer as unknown rather than as refused.
-    assert server.counts == Counter(uids(files[:2]))
+    assert all(r.stored for r in results if r is not results[1])
+    # The SCP kept the stalled instance: sent again, it arrives twice, which is why the
+    # caller records the first answer as unknown rather than as refused (and the second
+    # as a possible duplicate).
+    assert server.counts == Counter([*uids(files), files[1].sop_instance_uid])
+    assert our_threads() == []
+
+
+def test_a_file_never_answered_twice_fails_alone_after_two_dimse_time_outs(
+    server: StorageSCP, files: list[DicomFile]
+) -> None:
+    server.stall_instances.add(files[4].sop_instance_uid)
+    server.stall_seconds = 10
+    results = Results()
+    begun = time.monotonic()
+
+    send_files(server.endpoint(), files, Timeouts(dimse=1, acse=5), results)
+
+    assert time.monotonic() - begun < 5
+    assert [r.file for r in results] == [*files, files[4]]
+    assert results[-1].permanent and results[-1].status is None
+    assert (results[-1].error or "").startswith(
+        "the destination did not answer this file twice within the DIMSE time-out"
+    )
+    assert server.counts == Counter([*uids(files), files[4].sop_instance_uid])
     assert our_threads() == []
 
 
@@ -537,7 +651,7 @@ def test_callback_errors_propagate_and_leave_no_threads(
 
 
 def test_failures_leave_no_threads_behind(server: StorageSCP, files: list[DicomFile]) -> None:
-    server.abort_after(1)
+    server.abort_at.update({2, 3, 4, 5})
     with pytest.raises(SendError):
         send_files(server.endpoint(), files, FAST, Results())
     server.reject_next(1)
