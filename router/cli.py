@@ -365,6 +365,27 @@ def sweep(
     raise typer.Exit(code)
 
 
+@app.command()
+def status(
+    root: Annotated[Path, typer.Argument(help="Folder holding job folders (at any depth).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """The site at a glance: jobs by state, the oldest not routed, each destination's
+    last success and failure and instances stored today. Reads only status files."""
+    from router.overview import render, site_overview
+
+    if not root.is_dir():
+        err(f"{root}: no such folder")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    settings = make_settings()
+    view = site_overview(root.absolute(), settings.backoff())
+    if as_json:
+        typer.echo(json.dumps(view.to_dict(), indent=2))
+    else:
+        for line in render(view):
+            typer.echo(line)
+
+
 config_app = typer.Typer(
     no_args_is_help=True, help="Move the routing rules between a file and the Prefect server."
 )

@@ -18,7 +18,7 @@ import os
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from router.model import StoreResult, status_is_transient
+from router.report import Delivery
 
 RECORD = "routing-record.jsonl"
 STATUS = "routing-status.json"
@@ -57,6 +58,35 @@ class Status:
     updated: str
     reason: str | None = None
     given_up: bool = False
+    destinations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per destination key, over the job's runs: last_success, last_failure, failure
+    (its reason), stored (instances stored, by UTC day, the last two days): what
+    `dicom-router status` sums over a site without reading any record."""
+
+
+DAYS_KEPT = 2
+
+
+def merge_destinations(
+    previous: dict[str, dict[str, Any]], deliveries: Iterable[Delivery], when: str
+) -> dict[str, dict[str, Any]]:
+    """The job's per-destination account after a run that made `deliveries`."""
+    merged = {key: dict(value) for key, value in previous.items()}
+    day = when[:10]
+    for d in deliveries:
+        if not d.key:
+            continue
+        entry = merged.setdefault(d.key, {})
+        if d.ok:
+            entry["last_success"] = when
+        else:
+            entry["last_failure"] = when
+            entry["failure"] = d.error
+        stored = dict(entry.get("stored") or {})
+        if d.stored:
+            stored[day] = stored.get(day, 0) + d.stored
+        entry["stored"] = {k: stored[k] for k in sorted(stored)[-DAYS_KEPT:]}
+    return merged
 
 
 class _StatusFile(BaseModel):
@@ -71,6 +101,7 @@ class _StatusFile(BaseModel):
     updated: str
     reason: str | None = None
     given_up: bool = False
+    destinations: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("updated")
     @classmethod
@@ -113,7 +144,14 @@ def write_status(job_dir: Path, status: Status) -> None:
         raise
 
 
-def update_status(job_dir: Path, state: State, reason: str | None, *, counts: bool) -> Status:
+def update_status(
+    job_dir: Path,
+    state: State,
+    reason: str | None,
+    *,
+    counts: bool,
+    deliveries: Iterable[Delivery] = (),
+) -> Status:
     """Write the job's new status after a run that ended in `state`.
 
     `counts`: the run was a routing attempt (runs + 1; a failure adds to the consecutive
@@ -126,7 +164,9 @@ def update_status(job_dir: Path, state: State, reason: str | None, *, counts: bo
     if counts:
         runs += 1
         failures = 0 if state == "routed" else failures + 1
-    status = Status(state, runs, failures, now(), reason)
+    when = now()
+    destinations = merge_destinations(previous.destinations if previous else {}, deliveries, when)
+    status = Status(state, runs, failures, when, reason, destinations=destinations)
     write_status(job_dir, status)
     return status
 
@@ -327,7 +367,13 @@ class Record:
         entry["error"] = reason
         self._write(entry)
 
-    def end(self, state: State, reason: str | None, summary: Iterable[dict[str, Any]]) -> Status:
+    def end(
+        self,
+        state: State,
+        reason: str | None,
+        summary: Iterable[dict[str, Any]],
+        deliveries: Iterable[Delivery] = (),
+    ) -> Status:
         """Close the run: an `end` line, the file synced, the status summary replaced."""
         self._write({"event": "end", "state": state, "reason": reason, "entries": list(summary)})
         try:
@@ -338,7 +384,7 @@ class Record:
             ) from exc
         finally:
             self.close()
-        return update_status(self.job_dir, state, reason, counts=True)
+        return update_status(self.job_dir, state, reason, counts=True, deliveries=deliveries)
 
     def abandon(self, state: State, reason: str) -> None:
         """An `end` line for a run cut short, if the record still takes one."""

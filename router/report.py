@@ -18,6 +18,8 @@ class Delivery:
 
     destination: str
     selected: int
+    key: str = ""
+    """The destination's stable key (`Endpoint.key`), for the job's status."""
     already: int = 0
     """Selected instances the record showed as stored there before this run."""
     stored: int = 0
@@ -108,6 +110,9 @@ class JobReport:
                 if e.state == "failed" and not e.covered:
                     parts.append(f'rule {rule.index} "{rule.name}" → {e.destination}: {e.reason}')
         return "; ".join(parts)
+
+    def deliveries(self) -> list[Delivery]:
+        return [e.delivery for r in self.rules for e in r.entries if e.delivery is not None]
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per evaluated send entry: the "what went where" table."""

@@ -281,6 +281,7 @@ def summarize(
             parts.append(f"{len(left)} not stored")
     return Delivery(
         destination=str(endpoint),
+        key=endpoint.key,
         selected=len(files) + len(unsendable),
         already=len(uids & done_before),
         stored=len(stored_now & uids),
@@ -443,7 +444,9 @@ def _route_entry(
     refusal = allowlist.refusal(steps.settings.allowlist, endpoint)
     if refusal:  # before anything is read for it: nothing goes there
         result.reason = refusal
-        result.delivery = Delivery(destination=str(endpoint), selected=0, error=refusal)
+        result.delivery = Delivery(
+            destination=str(endpoint), selected=0, key=endpoint.key, error=refusal
+        )
         routing_log.entry(steps.job, spec, entry, result.delivery)
         return False
     selection = steps.select(spec, entry, folder)
@@ -565,7 +568,7 @@ def finish(report: JobReport, record: Record, routing: Routing) -> Status:
     report.not_evaluated_rules = routing.not_evaluated_rules
     report.skipped_files = routing.skipped_files()
     report.finished = now()
-    status = record.end(report.state, report.reason(), report.rows())
+    status = record.end(report.state, report.reason(), report.rows(), report.deliveries())
     routing_log.job_done(report)
     return status
 
