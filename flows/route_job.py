@@ -21,6 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run, task_run
 from prefect.states import State
 
+from flows import cancel
 from flows.concurrency import destination_slot, ensure_destination_limit
 from flows.config_source import resolve_config
 from router import routing_log
@@ -122,9 +123,11 @@ def send_task(
     The destination's concurrency slot is held only while sending, not during the
     backoff between retries, so a waiting retry does not block other jobs.
     """
+    cancel.check()
     with destination_slot(limit, occupy=endpoint.associations):
+        progress = cancel.checking(current_progress())
         attempt = attempt_once(
-            record, endpoint, files, settings, task_run.run_count, force, current_progress()
+            record, endpoint, files, settings, task_run.run_count, force, progress
         )
     if not attempt.ok and attempt.transient:
         delays = settings.retry_delays()
@@ -232,7 +235,26 @@ def _markdown(report: JobReport) -> str:
     return "\n\n".join(lines)
 
 
-@flow(name="route-job", flow_run_name=_job_run_name, validate_parameters=False)
+def local_result_storage() -> Path:
+    """Where results would go, named so that a run does not ask the server.
+
+    The router's runs persist no result (the job's record is the result); without a
+    storage of its own Prefect asks the server for its default storage three times per run
+    (`prefect/results.py`, `_get_default_result_storage`), which a busy server answers in
+    tens of milliseconds each.
+    """
+    from prefect.settings import get_current_settings
+
+    return Path(get_current_settings().results.local_storage_path)
+
+
+@flow(
+    name="route-job",
+    flow_run_name=_job_run_name,
+    validate_parameters=False,
+    persist_result=False,
+    result_storage=local_result_storage(),
+)
 def route_job_flow(
     job_dir: str,
     config: str | None = None,
