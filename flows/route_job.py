@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -306,13 +307,21 @@ def run_route_job(
         )
 
 
-def in_process() -> Any:
-    """Settings for a flow run in the command's own process.
+@contextmanager
+def in_process() -> Iterator[None]:
+    """Settings for flow runs in the command's own process.
 
-    Flow-run heartbeats let a server notice a worker that died mid-run; a run in the
-    caller's process has the caller watching it, and each sync run otherwise waits about a
-    second at its end for the heartbeat thread (PERF-NOTES).
+    The API is PREFECT_API_URL's server, or an ephemeral one that dies with the command
+    (`flows.ephemeral`). Flow-run heartbeats let a server notice a worker that died
+    mid-run; a run in the caller's process has the caller watching it, and each sync run
+    otherwise waits up to a second at its end for the heartbeat thread (PERF-NOTES).
+    Expected failures are logged without tracebacks (`flows.logs`).
     """
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-    return temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+    from flows.ephemeral import prefect_api
+    from flows.logs import quiet_expected_failures
+
+    quiet_expected_failures()
+    with prefect_api(), temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield

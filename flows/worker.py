@@ -439,6 +439,9 @@ async def serve(worker: RouterWorker, printer: Callable[..., None]) -> None:
     """
     import signal
 
+    from flows.logs import quiet_expected_failures
+
+    quiet_expected_failures()
     loop = asyncio.get_running_loop()
     draining = asyncio.Event()
     hard = asyncio.Event()
