@@ -20,6 +20,7 @@ a third of the lease, and is never joined.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import re
 import threading
@@ -151,8 +152,12 @@ def _renewing(lease: UUID) -> Iterator[None]:
     A send shorter than that never renews (and the thread never opens a client).
     """
     stop = threading.Event()
+    context = contextvars.copy_context()  # the run's settings (its API), not the process's
     thread = threading.Thread(
-        target=_renew_until, args=(lease, stop), name="dicom-router-lease", daemon=True
+        target=context.run,
+        args=(_renew_until, lease, stop),
+        name="dicom-router-lease",
+        daemon=True,
     )
     thread.start()
     try:

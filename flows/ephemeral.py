@@ -3,8 +3,9 @@
 Prefect's own ephemeral API (`prefect.server.api.server.SubprocessASGIServer`, which
 `get_client` starts) runs `uvicorn` as a plain child: a command killed with SIGKILL
 leaves it running for good, and every start migrates the database, registers block
-types and starts the automation services. This is the same server class with the same
-command, started by the command itself:
+types and starts the automation services; and importing that module imports the whole
+server into the command (seconds of CPU). This starts the same command itself, and
+points PREFECT_API_URL at it for the run:
 
 - the uvicorn process gets PR_SET_PDEATHSIG (SIGKILL): it dies with the command, however
   the command ends (SQLite in WAL mode survives that);
@@ -13,29 +14,35 @@ command, started by the command itself:
 - the services a single routing run does not use are off: automations (triggers and
   actions), the event and log streams to subscribers, the event logger. The task-run
   recorder and event persister stay, or the run's task history would be lost.
-
-It registers itself as Prefect's ephemeral server instance, so anything in the process
-that asks Prefect for a client gets this one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
+import httpx
 import prefect
 from prefect.events.worker import EventsWorker
 from prefect.logging.handlers import APILogWorker
-from prefect.server.api.server import SubprocessASGIServer
-from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+from prefect.settings import (
+    PREFECT_API_URL,
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+    get_current_settings,
+    temporary_settings,
+)
+
+log = logging.getLogger(__name__)
 
 TRIMMED: dict[str, str] = {
     "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
@@ -52,7 +59,8 @@ def _die_with_parent() -> None:
 
 
 def _sqlite_path() -> Path | None:
-    url = str(get_current_settings().server.database.connection_url or "")
+    url = get_current_settings().server.database.connection_url
+    url = url.get_secret_value() if hasattr(url, "get_secret_value") else str(url or "")
     prefix = "sqlite+aiosqlite:///"
     return Path(url[len(prefix) :]) if url.startswith(prefix) else None
 
@@ -71,42 +79,61 @@ def _is_current(db: Path | None) -> bool:
         return False
 
 
-class RouterEphemeralAPI(SubprocessASGIServer):
-    """Prefect's subprocess API server, dying with its parent, trimmed for one run."""
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
-    def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
-        env = {
-            **os.environ,
-            "PREFECT_UI_ENABLED": "0",
-            "PREFECT__SERVER_EPHEMERAL": "1",
-            "PREFECT__SERVER_FINAL": "1",
-            **get_current_settings().to_environment_variables(exclude_unset=True),
-            **TRIMMED,
-        }
-        if _is_current(_sqlite_path()):
-            env["PREFECT_SERVER_DATABASE_MIGRATE_ON_START"] = "false"
-            env["PREFECT_SERVER_REGISTER_BLOCKS_ON_START"] = "false"
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "--app-dir",
-                str(prefect.__module_path__.parent),
-                "--factory",
-                "prefect.server.api.server:create_app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--log-level",
-                "error",
-                "--lifespan",
-                "on",
-            ],
-            env=env,
-            preexec_fn=_die_with_parent,
-        )
+
+def _start(port: int) -> subprocess.Popen[bytes]:
+    """Prefect's own ephemeral command (`SubprocessASGIServer._run_uvicorn_command`)."""
+    env = {
+        **os.environ,
+        "PREFECT_UI_ENABLED": "0",
+        "PREFECT__SERVER_EPHEMERAL": "1",
+        "PREFECT__SERVER_FINAL": "1",
+        **get_current_settings().to_environment_variables(exclude_unset=True),
+        **TRIMMED,
+    }
+    if _is_current(_sqlite_path()):
+        env["PREFECT_SERVER_DATABASE_MIGRATE_ON_START"] = "false"
+        env["PREFECT_SERVER_REGISTER_BLOCKS_ON_START"] = "false"
+    cmd = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent)]
+    cmd += ["--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1"]
+    cmd += ["--port", str(port), "--log-level", "error", "--lifespan", "on"]
+    return subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _serve() -> tuple[subprocess.Popen[bytes], str]:
+    """Start the API and wait until /health answers (as Prefect's ephemeral mode does)."""
+    timeout = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+    for _ in range(5):
+        port = _free_port()
+        process = _start(port)
+        url = f"http://127.0.0.1:{port}/api"
+        deadline = time.monotonic() + timeout
+        with httpx.Client() as client:
+            while time.monotonic() < deadline:
+                if process.poll() is not None:
+                    break  # exit code 3: the port was taken meanwhile; try another
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get(f"{url}/health").status_code == 200:
+                        log.info("Started a Prefect API for this command on %s", url)
+                        return process, url
+                time.sleep(0.1)
+        if process.poll() is None:
+            _stop(process)
+            raise RuntimeError(f"the ephemeral Prefect API did not answer within {timeout} s")
+    raise RuntimeError(f"the ephemeral Prefect API exited with code {process.returncode}")
 
 
 @contextmanager
@@ -116,17 +143,16 @@ def prefect_api() -> Iterator[str]:
     if url:
         yield url
         return
-    server = RouterEphemeralAPI()
-    server.start()
+    process, api_url = _serve()
     try:
         db = _sqlite_path()
         if db is not None and db.exists() and not _is_current(db):
             _marker(db).write_text(prefect.__version__ + "\n")
-        with temporary_settings({PREFECT_API_URL: server.api_url}):
+        with temporary_settings({PREFECT_API_URL: api_url}):
             try:
-                yield server.api_url
+                yield api_url
             finally:  # the run's last logs and events reach the API before it stops
                 APILogWorker.drain_all(timeout=5)
                 EventsWorker.drain_all(timeout=5)
     finally:
-        server.stop()
+        _stop(process)
