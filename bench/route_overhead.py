@@ -19,13 +19,13 @@ small job (5 images of 64x64, `--small`) and a big one (1,500 CT images of 512x5
 Then a burst (`--burst`, 500): that many small jobs (3 images each) announced at once to
 one warm worker (`--limit`, 8), received by an in-process pynetdicom SCP that counts every
 instance: time to drain, jobs per second, every instance exactly once; run twice, the
-warm worker's RSS after 100 runs and after the last is the memory check (`--burst 500`
-gives 1,000 runs).
+warm worker's RSS after 100 runs and after the last is the memory check (two rounds of
+`--burst 500`, the default, give 1,000 runs).
 
 Medians, and ratios to the plain path. The server is `prefect server` on a throwaway
 PostgreSQL, as the service tests start it.
 
-    python bench/route_overhead.py [--runs 5] [--burst 500] [--json]
+    python bench/route_overhead.py [--runs 5] [--files 1500] [--burst 500] [--rounds 2] [--json]
 """
 
 from __future__ import annotations
@@ -197,6 +197,7 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=5, help="images in the small job")
     parser.add_argument("--files", type=int, default=1500, help="images in the big job")
     parser.add_argument("--burst", type=int, default=500, help="jobs announced at once")
+    parser.add_argument("--rounds", type=int, default=2, help="bursts, one after the other")
     parser.add_argument("--limit", type=int, default=8, help="the warm worker's --limit")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out")
     parser.add_argument("--json", action="store_true")
@@ -352,7 +353,7 @@ def burst(
     try:
         write_config(base / "routing.json", scp.port)
         rounds, rss = [], {}
-        for r in range(2):
+        for r in range(args.rounds):
             jobs = [small_job(base / f"burst{r}", f"b{i:04d}", 3) for i in range(args.burst)]
             s0 = cpu_seconds(server)
             start = announcer.many(jobs)
@@ -365,7 +366,7 @@ def burst(
                     "server_cpu_per_job_s": round((cpu_seconds(server) - s0) / len(jobs), 3),
                 }
             )
-        expected = 3 * 2 * args.burst
+        expected = 3 * args.rounds * args.burst
         counts = scp.counts
         once = len(counts) == expected and set(counts.values()) == {1}
     finally:
@@ -379,7 +380,7 @@ def burst(
         "missing": expected - len(counts),
         "rss_mib_after_100_runs": round(rss.get("after_100", 0), 1),
         "rss_mib_after_last_run": round(rss["last"], 1),
-        "runs_for_rss": 2 * args.burst,
+        "runs_for_rss": args.rounds * args.burst,
         "rss_ratio": round(ratio, 3) if ratio else None,
     }
 
