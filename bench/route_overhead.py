@@ -106,14 +106,12 @@ def last_stored(job: Path, expected: int, timeout: float = 300) -> float:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if record.exists():
-            stored = [
-                e
-                for e in map(json.loads, filter(None, record.read_text().splitlines()))
-                if e.get("event") == "store" and e.get("stored")
-            ]
-            if len(stored) >= expected:
-                return datetime.fromisoformat(stored[-1]["time"]).timestamp()
-        time.sleep(0.02)
+            text = record.read_text()
+            text = text[: text.rfind("\n") + 1]  # a line being written is not read
+            if text.count('"stored":true') >= expected:
+                last = next(x for x in reversed(text.splitlines()) if '"stored":true' in x)
+                return datetime.fromisoformat(json.loads(last)["time"]).timestamp()
+        time.sleep(0.05)
     raise TimeoutError(f"{job}: {expected} instances not stored within {timeout} s")
 
 

@@ -88,17 +88,67 @@ def set_destination_limit(endpoint: Endpoint, size: int) -> str:
     return name
 
 
+class LocalGates:
+    """Per limit, the slots this process's runs hold or are about to ask the server for.
+
+    The server's limit is the truth across hosts; but runs of one warm worker that all
+    wait for a full limit would each ask the server again and again (a 423 costs the
+    server a database update), and a burst of jobs to one destination spent most of the
+    server's time answering them. Asking through the gate first, no more of this
+    process's sends than the limit's size ask the server at once.
+    """
+
+    def __init__(self) -> None:
+        self._used: dict[str, int] = {}
+        self._free = threading.Condition()
+
+    @contextmanager
+    def hold(self, name: str, size: int, occupy: int) -> Iterator[None]:
+        with self._free:
+            while self._used.get(name, 0) + occupy > size:
+                self._free.wait(0.5)
+                cancel.check()
+            self._used[name] = self._used.get(name, 0) + occupy
+        try:
+            yield
+        finally:
+            with self._free:
+                self._used[name] -= occupy
+                self._free.notify_all()
+
+
+_gates: contextvars.ContextVar[LocalGates | None] = contextvars.ContextVar(
+    "dicom_router_gates", default=None
+)
+
+
 @contextmanager
-def destination_slot(name: str | None, occupy: int = 1) -> Iterator[None]:
-    """Hold `occupy` slots of limit `name` while sending; a missing limit is an error.
+def gated(gates: LocalGates) -> Iterator[None]:
+    """Sends in the enclosed code (and in threads that copy its context) pass `gates`."""
+    token = _gates.set(gates)
+    try:
+        yield
+    finally:
+        _gates.reset(token)
+
+
+@contextmanager
+def destination_slot(name: str | None, occupy: int = 1, size: int | None = None) -> Iterator[None]:
+    """Hold `occupy` slots of limit `name` (of `size` slots) while sending; a missing limit
+    is an error.
 
     Waits while the limit is full, sleeping what the server suggests (its Retry-After
-    grows with the slots' average occupancy), at most MAX_WAIT_SECONDS at a time.
+    grows with the slots' average occupancy), at most MAX_WAIT_SECONDS at a time; in a
+    warm worker, its own runs queue at a local gate first (`LocalGates`).
     """
     if name is None:
         yield
         return
-    with get_client(sync_client=True) as client:  # the run's own client, inside a run
+    gates = _gates.get()
+    with (
+        gates.hold(name, size, occupy) if gates is not None and size else _nothing(),
+        get_client(sync_client=True) as client,  # the run's own client, inside a run
+    ):
         lease = _acquire(client, name, occupy)
         try:
             with _renewing(lease):
@@ -108,6 +158,11 @@ def destination_slot(name: str | None, occupy: int = 1) -> Iterator[None]:
                 client.release_concurrency_slots_with_lease(lease)
             except httpx.HTTPError as exc:  # the server frees it when the lease runs out
                 log.warning("concurrency limit %s: slots not released (%s)", name, exc)
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
 
 
 def _holder() -> ConcurrencyLeaseHolder | None:

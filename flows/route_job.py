@@ -118,6 +118,7 @@ def send_task(
     settings: Settings,
     force: bool,
     limit: str | None = None,
+    limit_size: int | None = None,
 ) -> Attempt:
     """One attempt at what the record says is missing; Prefect retries the transient.
 
@@ -125,7 +126,7 @@ def send_task(
     backoff between retries, so a waiting retry does not block other jobs.
     """
     cancel.check()
-    with destination_slot(limit, occupy=endpoint.associations):
+    with destination_slot(limit, occupy=endpoint.associations, size=limit_size):
         progress = cancel.checking(current_progress())
         attempt = attempt_once(
             record, endpoint, files, settings, task_run.run_count, force, progress
@@ -192,6 +193,7 @@ class FlowSteps:
             self.settings,
             self.force,
             limit,
+            slots,
             return_state=True,
         )
         outcome = state.result(raise_on_failure=False)

@@ -63,6 +63,7 @@ from prefect.workers.base import (
 )
 
 from flows import cancel
+from flows.concurrency import LocalGates, gated
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
@@ -130,6 +131,7 @@ class _Threads:
 
     def __init__(self, size: int) -> None:
         self._local = threading.local()
+        self.gates = LocalGates()
         self.pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=size, thread_name_prefix="dicom-router-run", initializer=self._warm_up
         )
@@ -141,6 +143,8 @@ class _Threads:
         self._local.settings.__enter__()
         self._local.client = SyncClientContext()
         self._local.client.__enter__()
+        self._local.gates = gated(self.gates)
+        self._local.gates.__enter__()
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
         return self.pool.submit(lambda: contextvars.copy_context().run(fn, *args))
@@ -409,9 +413,17 @@ class RouterWorker(BaseWorker[RouterJobConfiguration, RouterVariables, RouterWor
         """Run the flow in this thread; what the engine could not report, for the worker."""
         if run.stop.is_set():
             return None
+        # For a deployment's run, Prefect's engine watches for a "suspension" with a thread
+        # of its own running an event loop, a client and an events subscription, waited
+        # for before the flow starts and joined at its end (prefect/flow_engine.py,
+        # setup_flow_run_suspension_request -> prefect/_flow_run_suspension.py,
+        # observe_flow_run_suspension): ~0.1-0.3 s and a websocket per run. Routing is
+        # never suspended; the engine keys that on the run's deployment_id, and reads the
+        # run back from the server (deployment and all) before the flow itself starts.
+        flow_run = run.flow_run.model_copy(update={"deployment_id": None})
         try:
             with cancel.stoppable(run.stop):
-                run_flow(flow, flow_run=run.flow_run, return_type="state")
+                run_flow(flow, flow_run=flow_run, return_type="state")
         except cancel.RunCancelled:
             return None
         except BaseException as exc:  # the engine reported the state it could

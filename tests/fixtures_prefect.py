@@ -1,9 +1,10 @@
-"""pytest plugin: a real Prefect server on a throwaway PostgreSQL, process work pools and workers.
+"""pytest plugin: a real Prefect server on a throwaway PostgreSQL, work pools and workers.
 
 Service-level tests need what production runs: `prefect server start` as its own process,
 PostgreSQL behind it (SQLite answers "database is locked" once runs overlap, PERF-NOTES),
-and `prefect worker start --type process` workers that pick runs up and execute them in
-fresh interpreters. Everything listens on 127.0.0.1 and free ports and lives in temp
+and workers that pick runs up: `dicom-router worker` (the warm routing worker, which runs
+them in its own process: `warm=True`), or `prefect worker start --type process`, which
+executes each in a fresh interpreter. Everything listens on 127.0.0.1 and free ports and lives in temp
 dirs; nothing of the developer's ~/.prefect or PREFECT_* environment is used.
 
 Fixtures: `postgres` (session), `prefect_servers` (session factory), `prefect_server`
