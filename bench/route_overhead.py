@@ -1,23 +1,37 @@
-"""Per-job overhead of a `route-job` run: on a process worker, and in a warm process.
+"""What routing costs around the sending: the plain path, the command line, the workers.
 
-A small job (3 CT images of 64x64) is routed to a dcmtk `storescp --ignore` on 127.0.0.1,
-so that what is measured is the cost around the sending, not the sending. Against a real
-`prefect server` on PostgreSQL (started here, as in the service tests):
+One invocation, one receiver (`storescp --fork --ignore` on 127.0.0.1, TCP_NODELAY), for a
+small job (5 images of 64x64, `--small`) and a big one (1,500 CT images of 512x512,
+`--files`, the cached job of `route_throughput.py`), K runs each (`--runs`):
 
-1. `worker`: K runs of the `route-job` deployment on one process worker, one after the
-   other. Prefect's process worker starts a new Python process per run, so each run pays
-   interpreter start-up and imports. Reported: created → Completed, and the run's own
-   Running → Completed, medians.
-2. `warm`: K runs of the flow in one already-warm process against the same server (what a
-   sweep's routing of many jobs does, or a long-lived process calling the flow), with the
-   flow-run heartbeat off as the CLI runs it. Reported: wall time per run, median.
+1. `plain`: `router.route.route_job` in `python -c`, no Prefect: the reference.
+2. `cli ephemeral`: `dicom-router route JOB --json` without PREFECT_API_URL (the command
+   starts its own API; the first run, on a new PREFECT_HOME, is left out).
+3. `cli server`: the same with PREFECT_API_URL pointing at a running server.
+4. `warm worker`: `dicom-router worker`, the job announced with
+   `flows.notify.job_processed` (the `route-job` deployment's trigger creates the run);
+   announce → every instance stored (the last answer's time in the job's record), and
+   the CPU-seconds per job of the worker process (with its children) and of the
+   `prefect server` process (PostgreSQL separately).
+5. `process worker`: Prefect's `prefect worker start --type process` on a process pool
+   of its own, the run created directly (no trigger): created → every instance stored.
 
-    python bench/route_overhead.py [--runs 5] [--json]
+Then a burst (`--burst`, 500): that many small jobs (3 images each) announced at once to
+one warm worker (`--limit`, 8), received by an in-process pynetdicom SCP that counts every
+instance: time to drain, jobs per second, every instance exactly once; run twice, the
+warm worker's RSS after 100 runs and after the last is the memory check (two rounds of
+`--burst 500`, the default, give 1,000 runs).
+
+Medians, and ratios to the plain path. The server is `prefect server` on a throwaway
+PostgreSQL, as the service tests start it.
+
+    python bench/route_overhead.py [--runs 5] [--files 1500] [--burst 500] [--rounds 2] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -25,14 +39,23 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.factory import write_job  # noqa: E402
-from tests.fixtures_dcmtk import free_port  # noqa: E402
+from route_throughput import (  # noqa: E402
+    PLAIN_PATH,
+    ensure_job,
+    reset_record,
+    router_cli,
+    storescp,
+    write_config,
+)
+
 from tests.fixtures_prefect import (  # noqa: E402
     WorkPool,
     create_work_pool,
@@ -41,105 +64,386 @@ from tests.fixtures_prefect import (  # noqa: E402
     stop_postgres,
 )
 
+SMALL_ROWS = 64
+ANNOUNCER = """\
+import sys, time
+from flows.notify import job_processed
+for line in sys.stdin:
+    job_processed(line.strip())
+    print(time.time(), flush=True)
+"""
 
-def fresh_job(base: Path, name: str) -> Path:
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of `pid` and of its children that it has reaped."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = sum(int(fields[i]) for i in (11, 12, 13, 14))
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu() -> float:
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if b"postgres" in (entry / "cmdline").read_bytes().split(b"\0")[0]:
+                    total += cpu_seconds(int(entry.name))
+            except OSError:
+                pass
+    return total
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def last_stored(job: Path, expected: int, timeout: float = 300) -> float:
+    """Epoch time of the answer that completed `expected` stored instances in the record."""
+    record = job / "routing-record.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if record.exists():
+            text = record.read_text()
+            text = text[: text.rfind("\n") + 1]  # a line being written is not read
+            if text.count('"stored":true') >= expected:
+                last = next(x for x in reversed(text.splitlines()) if '"stored":true' in x)
+                return datetime.fromisoformat(json.loads(last)["time"]).timestamp()
+        time.sleep(0.05)
+    raise TimeoutError(f"{job}: {expected} instances not stored within {timeout} s")
+
+
+def run_ended(job: Path, timeout: float = 300) -> None:
+    record = job / "routing-record.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if record.exists() and '"event":"end"' in record.read_text():
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"{job}: the run did not end within {timeout} s")
+
+
+def small_job(base: Path, name: str, images: int = 5) -> Path:
+    from tests.factory import write_job
+
     job = base / name
-    write_job(job, n_output=3, n_input=0, rows=64, cols=64)
+    write_job(job, n_output=images, n_input=0, rows=SMALL_ROWS, cols=SMALL_ROWS)
     return job
+
+
+def timed(cmd: list[str], env: dict[str, str], log: Path) -> float:
+    start = time.perf_counter()
+    with log.open("ab") as fh:
+        done = subprocess.run(cmd, env=env, cwd=REPO, stdout=fh, stderr=fh, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:4])} exited {done.returncode}: see {log}")
+    return time.perf_counter() - start
+
+
+def median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 3) if values else None
+
+
+class Announcer:
+    """A warm process that announces jobs (what a processing box that uses Prefect does)."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.log = log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", ANNOUNCER],
+            env=env,
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+        )
+
+    def announce(self, job: Path) -> float:
+        """Announce; the epoch time just before the call."""
+        start = time.time()
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(f"{job}\n")
+        self.proc.stdin.flush()
+        self.proc.stdout.readline()
+        return start
+
+    def many(self, jobs: list[Path]) -> float:
+        assert self.proc.stdin and self.proc.stdout
+        start = time.time()
+        self.proc.stdin.write("".join(f"{j}\n" for j in jobs))
+        self.proc.stdin.flush()
+        for _ in jobs:
+            self.proc.stdout.readline()
+        return start
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--small", type=int, default=5, help="images in the small job")
+    parser.add_argument("--files", type=int, default=1500, help="images in the big job")
+    parser.add_argument("--burst", type=int, default=500, help="jobs announced at once")
+    parser.add_argument("--rounds", type=int, default=2, help="bursts, one after the other")
+    parser.add_argument("--limit", type=int, default=8, help="the warm worker's --limit")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "out")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    figures = run(args)
+    print(json.dumps(figures, indent=2) if args.json else render(figures))
 
-    base = Path(tempfile.mkdtemp(prefix="overhead-"))
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    args.out.mkdir(parents=True, exist_ok=True)
+    big = ensure_job(args.out, args.files) if args.files else None
+    base = Path(tempfile.mkdtemp(prefix="overhead-", dir=args.out))
     base.chmod(0o755)  # PostgreSQL runs as its own user when we are root
-    receiver = pg = server = pool = None
-    try:
-        port = free_port()
-        receiver = subprocess.Popen(
-            ["/usr/bin/storescp", "--ignore", "-aet", "PACS", str(port)],
-            env={**os.environ, "TCP_NODELAY": "1"},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        config = base / "routing.json"
-        dest = {"IP": "127.0.0.1", "PORT": port, "AETitleSender": "ROUTER", "AETitleTo": "PACS"}
-        config.write_text(json.dumps({"routing": [{"send": [{".*": dest}]}]}))
-        router_env = {
+    logs = base / "logs"
+    logs.mkdir()
+    figures: dict[str, Any] = {"runs": args.runs, "small": args.small, "files": args.files}
+    with contextlib.ExitStack() as stack:
+        port = stack.enter_context(storescp(131072, logs))
+        config = write_config(base / "routing.json", port)
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        router = {
             "DICOM_ROUTER_CONFIG": str(config),
             "DICOM_ROUTER_LOG_FILE": str(base / "routing.log"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        }
+        jobs = {"small": small_job(base / "jobs", "small", args.small)}
+        counts = {"small": args.small}
+        if big is not None:
+            jobs["big"], counts["big"] = big, args.files
+
+        plain = {size: plain_runs(job, config, base, logs, args.runs) for size, job in jobs.items()}
+        home = base / "ephemeral-home"
+        cli_env = {**clean, **router, "PREFECT_HOME": str(home)}
+        ephemeral = {
+            size: cli_runs(job, cli_env, logs / "cli-ephemeral.log", args.runs + 1)[1:]
+            for size, job in jobs.items()
         }
 
         (base / "pg").mkdir()
         pg = start_postgres(base / "pg")
+        stack.callback(stop_postgres, pg)
         server = start_prefect_server(base / "prefect", pg.url())
-        pool = WorkPool(create_work_pool(server, "bench"), server, base)
-        pool.start_workers(1, env=router_env)
-        server.cli("deploy", "--name", "route-job", "--pool", pool.name)
+        stack.callback(server.stop)
+        server_pid = server.service.process.pid
+        served = {**server.env(base / "cli-home"), **router}
+        with_server = {
+            size: cli_runs(job, served, logs / "cli-server.log", args.runs + 1)[1:]
+            for size, job in jobs.items()
+        }
 
-        worker_total, worker_own = [], []
-        for i in range(args.runs + 1):  # the first run warms the worker's caches
-            job = fresh_job(base / "jobs", f"w{i}")
-            run = server.run_deployment("route-job/route-job", {"job_dir": str(job)})
-            final = server.wait_for_flow_runs([run.id], timeout=300, pool=pool)[run.id]
-            if not final.state.is_completed():
-                raise SystemExit(f"route-job run failed: {final.state.message}")
-            if i:
-                times = server.timeline(run.id)
-                worker_total.append(times["Completed"])
-                worker_own.append(times["Completed"] - times["Running"])
+        warm_pool = WorkPool(create_work_pool(server, "warm", warm=True), server, base, warm=True)
+        stack.callback(warm_pool.stop)
+        server.cli("deploy", "--name", "route-job", "--pool", warm_pool.name)
+        warm_pool.start_workers(1, limit=args.limit, env=router)
+        worker_pid = warm_pool.workers[0].service.process.pid
+        announcer = Announcer(served, logs / "announcer.log")
+        stack.callback(announcer.close)
+        warm = {
+            size: warm_runs(job, counts[size], announcer, worker_pid, server_pid, args.runs)
+            for size, job in jobs.items()
+        }
 
-        warm: list[float] = []
-        code = (
-            "import json, sys, time\n"
-            "from flows.route_job import in_process, route_job_flow\n"
-            "out = []\n"
-            "for job in sys.argv[1:]:\n"
-            "    t = time.perf_counter()\n"
-            "    with in_process():\n"
-            "        route_job_flow(job_dir=job)\n"
-            "    out.append(time.perf_counter() - t)\n"
-            "print(json.dumps(out))\n"
-        )
-        jobs = [str(fresh_job(base / "jobs", f"p{i}")) for i in range(args.runs + 1)]
-        done = subprocess.run(
-            [sys.executable, "-c", code, *jobs],
-            env={**server.env(), **router_env},
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        warm = json.loads(done.stdout.strip().splitlines()[-1])[1:]
-    finally:
-        if pool:
-            pool.stop()
-        if server:
-            server.stop()
-        if pg:
-            stop_postgres(pg)
-        if receiver:
-            receiver.terminate()
-            receiver.wait()
-        shutil.rmtree(base, ignore_errors=True)
+        process_pool = WorkPool(create_work_pool(server, "process"), server, base)
+        stack.callback(process_pool.stop)
+        name = process_pool.deploy("flows/route_job.py:route_job_flow", "route-job-process")
+        process_pool.start_workers(1, env=router)
+        process = {
+            size: process_runs(job, counts[size], server, name, args.runs)
+            for size, job in jobs.items()
+        }
+        process_pool.stop()
 
-    figures: dict[str, Any] = {
-        "runs": args.runs,
-        "worker_created_to_completed_s": round(statistics.median(worker_total), 2),
-        "worker_running_to_completed_s": round(statistics.median(worker_own), 2),
-        "warm_process_per_run_s": round(statistics.median(warm), 3),
-        "warm_process_runs_s": [round(x, 3) for x in warm],
+        if args.burst:
+            figures["burst"] = burst(args, base, warm_pool, announcer, worker_pid, server_pid)
+    figures["modes"] = {
+        "plain": plain,
+        "cli ephemeral": ephemeral,
+        "cli server": with_server,
+        "warm worker": {s: w["latency"] for s, w in warm.items()},
+        "process worker": process,
     }
-    if args.json:
-        print(json.dumps(figures, indent=2))
-        return
-    print(f"route-job overhead per job (3 small images), medians of {args.runs} runs:")
-    print(f"  process worker, created -> Completed: {figures['worker_created_to_completed_s']} s")
-    print(f"  process worker, Running -> Completed: {figures['worker_running_to_completed_s']} s")
-    print(f"  warm process (flow called in-process): {figures['warm_process_per_run_s']} s")
+    figures["warm_cpu"] = {
+        s: {k: v for k, v in w.items() if k != "latency"} for s, w in warm.items()
+    }
+    figures["logs"] = str(logs)
+    shutil.rmtree(base / "jobs", ignore_errors=True)
+    return figures
+
+
+def plain_runs(job: Path, config: Path, base: Path, logs: Path, runs: int) -> list[float]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    cmd = [sys.executable, "-c", PLAIN_PATH, str(job), str(config), str(base / "plain.log")]
+    out: list[float] = []
+    for _ in range(runs):
+        reset_record(job)
+        out.append(timed(cmd, env, logs / "plain.log"))
+    return out
+
+
+def cli_runs(job: Path, env: dict[str, str], log: Path, runs: int) -> list[float]:
+    out: list[float] = []
+    for _ in range(runs):
+        reset_record(job)
+        out.append(timed([router_cli(), "route", str(job), "--json"], env, log))
+    return out
+
+
+def warm_runs(
+    job: Path, n: int, announcer: Announcer, worker: int, server: int, runs: int
+) -> dict[str, list[float]]:
+    latency, worker_cpu, server_cpu, pg_cpu = [], [], [], []
+    for i in range(runs + 1):  # the first warms the worker's caches
+        reset_record(job)
+        w0, s0, p0 = cpu_seconds(worker), cpu_seconds(server), postgres_cpu()
+        start = announcer.announce(job)
+        stored = last_stored(job, n)
+        run_ended(job)
+        time.sleep(0.5)  # the run's final state, logs and events
+        if i:
+            latency.append(stored - start)
+            worker_cpu.append(cpu_seconds(worker) - w0)
+            server_cpu.append(cpu_seconds(server) - s0)
+            pg_cpu.append(postgres_cpu() - p0)
+    return {"latency": latency, "worker": worker_cpu, "server": server_cpu, "postgres": pg_cpu}
+
+
+def process_runs(job: Path, n: int, server: Any, deployment: str, runs: int) -> list[float]:
+    out: list[float] = []
+    for i in range(runs + 1):
+        reset_record(job)
+        start = time.time()
+        run = server.run_deployment(deployment, {"job_dir": str(job)})
+        stored = last_stored(job, n)
+        server.wait_for_flow_runs([run.id], timeout=300)
+        if i:
+            out.append(stored - start)
+    return out
+
+
+def burst(
+    args: argparse.Namespace,
+    base: Path,
+    pool: WorkPool,
+    announcer: Announcer,
+    worker: int,
+    server: int,
+) -> dict[str, Any]:
+    """Two rounds of `--burst` jobs announced at once; every instance exactly once."""
+    from tests.fixtures_scp import StorageSCP
+
+    scp = StorageSCP(ae_title="BENCHSCP")
+    scp.start()
+    try:
+        write_config(base / "routing.json", scp.port)
+        rounds, rss = [], {}
+        for r in range(args.rounds):
+            jobs = [small_job(base / f"burst{r}", f"b{i:04d}", 3) for i in range(args.burst)]
+            s0 = cpu_seconds(server)
+            start = announcer.many(jobs)
+            done = wait_routed(jobs, rss, r * args.burst, worker)
+            rounds.append(
+                {
+                    "jobs": len(jobs),
+                    "drain_s": round(done - start, 2),
+                    "jobs_per_s": round(len(jobs) / (done - start), 2),
+                    "server_cpu_per_job_s": round((cpu_seconds(server) - s0) / len(jobs), 3),
+                }
+            )
+        expected = 3 * args.rounds * args.burst
+        counts = scp.counts
+        once = len(counts) == expected and set(counts.values()) == {1}
+    finally:
+        scp.stop()
+    ratio = rss["last"] / rss["after_100"] if rss.get("after_100") else None
+    return {
+        "rounds": rounds,
+        "instances": expected,
+        "each_exactly_once": once,
+        "duplicates": sum(v - 1 for v in counts.values()),
+        "missing": expected - len(counts),
+        "rss_mib_after_100_runs": round(rss.get("after_100", 0), 1),
+        "rss_mib_after_last_run": round(rss["last"], 1),
+        "runs_for_rss": args.rounds * args.burst,
+        "rss_ratio": round(ratio, 3) if ratio else None,
+    }
+
+
+def wait_routed(jobs: list[Path], rss: dict[str, float], before: int, worker: int) -> float:
+    """Epoch time when the last job's status says routed; samples the worker's RSS."""
+    pending = set(jobs)
+    deadline = time.monotonic() + 3600
+    while pending:
+        for job in list(pending):
+            status = job / "routing-status.json"
+            if status.exists() and json.loads(status.read_text())["state"] == "routed":
+                pending.discard(job)
+        if "after_100" not in rss and before + len(jobs) - len(pending) >= 100:
+            rss["after_100"] = rss_mib(worker)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(pending)} burst jobs not routed")
+        time.sleep(0.2)
+    rss["last"] = rss_mib(worker)
+    return max((j / "routing-status.json").stat().st_mtime for j in jobs)
+
+
+def render(f: dict[str, Any]) -> str:
+    sizes = [s for s in ("small", "big") if s in f["modes"]["plain"]]
+    label = {"small": f"{f['small']} images", "big": f"{f['files']} images"}
+    lines = [f"medians of {f['runs']} runs; × plain = median / plain path's median"]
+    head = f"{'mode':<44}" + "".join(f"{label[s]:>14}{'× plain':>9}" for s in sizes)
+    lines.append(head)
+    what = {
+        "plain": "plain path (python -c route_job), wall",
+        "cli ephemeral": "dicom-router route, ephemeral API, wall",
+        "cli server": "dicom-router route, PREFECT_API_URL, wall",
+        "warm worker": "warm worker, announce → all stored",
+        "process worker": "process worker, created → all stored",
+    }
+    for mode, runs in f["modes"].items():
+        row = f"{what[mode]:<44}"
+        for s in sizes:
+            m, ref = median(runs[s]), median(f["modes"]["plain"][s])
+            ratio = f"{m / ref:.2f}" if m is not None and ref else "-"
+            row += f"{m if m is not None else '-':>13} s{ratio:>9}"
+        lines.append(row)
+    for s in sizes:
+        c = f["warm_cpu"][s]
+        lines.append(
+            f"warm worker CPU per job ({label[s]}): worker {median(c['worker'])} s, "
+            f"prefect server {median(c['server'])} s, postgres {median(c['postgres'])} s"
+        )
+    if b := f.get("burst"):
+        for i, r in enumerate(b["rounds"], 1):
+            lines.append(
+                f"burst {i}: {r['jobs']} jobs of 3 images announced at once, drained in "
+                f"{r['drain_s']} s: {r['jobs_per_s']} jobs/s; prefect server "
+                f"{r['server_cpu_per_job_s']} CPU-s per job"
+            )
+        lines.append(
+            f"burst: {b['instances']} instances, each exactly once: {b['each_exactly_once']} "
+            f"({b['duplicates']} duplicates, {b['missing']} missing)"
+        )
+        lines.append(
+            f"warm worker RSS: {b['rss_mib_after_100_runs']} MiB after 100 runs, "
+            f"{b['rss_mib_after_last_run']} MiB after {b['runs_for_rss']} (× {b['rss_ratio']})"
+        )
+    lines.append(f"logs: {f['logs']}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

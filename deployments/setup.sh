@@ -9,6 +9,6 @@ cd "$(dirname "$0")/.."
 : "${PREFECT_API_URL:?set PREFECT_API_URL to the Prefect server, e.g. http://prefect-host:4200/api}"
 
 dicom-router validate "$config"
-dicom-router setup --config "$config"          # work pool, block type, concurrency limits
+dicom-router setup --config "$config"          # work pool, crash automation, block type, limits
 dicom-router config push "$config"             # the rules, editable in the UI from now on
 DICOM_ROUTER_JOBS_ROOT=$jobs_root prefect --no-prompt deploy --all

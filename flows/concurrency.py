@@ -7,22 +7,54 @@ before it sends (creating a missing one with the configured size, never changing
 existing one, so a size edited in the UI stands) and then acquires it strictly: routing
 never runs unlimited because a limit is absent. `dicom-router setup` creates them all
 up front and sets their sizes.
+
+Slots are taken with a lease, as Prefect's `concurrency()` does, so that the server frees
+the slots of a process that died (after the lease's duration, 60 s, the shortest the API
+accepts, plus up to 15 s until its repossessor runs). Not with `concurrency()` itself: the
+sync variant's renewal thread opens a client of its own at once and is joined for up to
+2 s on exit (`prefect/concurrency/_leases.py`, `maintain_concurrency_lease`), which made a
+0.1 s send a 2 s task. Here acquiring and releasing are one API call each on the run's
+client; the renewal thread only wakes (and opens a client) when a send lasts longer than
+a third of the lease, and is never joined.
 """
 
 from __future__ import annotations
 
+import contextvars
+import logging
 import re
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from typing import TYPE_CHECKING
+from uuid import UUID
 
+import httpx
 from prefect import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-from prefect.concurrency.sync import concurrency
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.runtime import task_run
 
+from flows import cancel
 from router.model import Endpoint
 
+if TYPE_CHECKING:
+    from prefect.client.orchestration import SyncPrefectClient
+
 PREFIX = "dicom-router-"
+LEASE_SECONDS = 60.0
+"""A slot's lease: the server frees the slots of a dead holder this long after its last
+renewal (60 s is the API's minimum)."""
+MAX_WAIT_SECONDS = 2.0
+"""Longest sleep between two tries at a full limit, whatever the server's Retry-After."""
+
+log = logging.getLogger(__name__)
+
+
+class SlotUnavailable(Exception):
+    """The destination's limit does not exist (or the server refused the request)."""
 
 
 def limit_name(endpoint: Endpoint) -> str:
@@ -56,11 +88,155 @@ def set_destination_limit(endpoint: Endpoint, size: int) -> str:
     return name
 
 
+class LocalGates:
+    """Per limit, the slots this process's runs hold or are about to ask the server for.
+
+    The server's limit is the truth across hosts; but runs of one warm worker that all
+    wait for a full limit would each ask the server again and again (a 423 costs the
+    server a database update), and a burst of jobs to one destination spent most of the
+    server's time answering them. Asking through the gate first, no more of this
+    process's sends than the limit's size ask the server at once.
+    """
+
+    def __init__(self) -> None:
+        self._used: dict[str, int] = {}
+        self._free = threading.Condition()
+
+    @contextmanager
+    def hold(self, name: str, size: int, occupy: int) -> Iterator[None]:
+        with self._free:
+            while self._used.get(name, 0) + occupy > size:
+                self._free.wait(0.5)
+                cancel.check()
+            self._used[name] = self._used.get(name, 0) + occupy
+        try:
+            yield
+        finally:
+            with self._free:
+                self._used[name] -= occupy
+                self._free.notify_all()
+
+
+_gates: contextvars.ContextVar[LocalGates | None] = contextvars.ContextVar(
+    "dicom_router_gates", default=None
+)
+
+
 @contextmanager
-def destination_slot(name: str | None, occupy: int = 1) -> Iterator[None]:
-    """Hold a slot per association; strict, so a missing limit is an error, never a pass."""
+def gated(gates: LocalGates) -> Iterator[None]:
+    """Sends in the enclosed code (and in threads that copy its context) pass `gates`."""
+    token = _gates.set(gates)
+    try:
+        yield
+    finally:
+        _gates.reset(token)
+
+
+@contextmanager
+def destination_slot(name: str | None, occupy: int = 1, size: int | None = None) -> Iterator[None]:
+    """Hold `occupy` slots of limit `name` (of `size` slots) while sending; a missing limit
+    is an error.
+
+    Waits while the limit is full, sleeping what the server suggests (its Retry-After
+    grows with the slots' average occupancy), at most MAX_WAIT_SECONDS at a time; in a
+    warm worker, its own runs queue at a local gate first (`LocalGates`).
+    """
     if name is None:
         yield
         return
-    with concurrency(name, occupy=occupy, strict=True):
+    gates = _gates.get()
+    with (
+        gates.hold(name, size, occupy) if gates is not None and size else _nothing(),
+        get_client(sync_client=True) as client,  # the run's own client, inside a run
+    ):
+        lease = _acquire(client, name, occupy)
+        try:
+            with _renewing(lease):
+                yield
+        finally:
+            try:
+                client.release_concurrency_slots_with_lease(lease)
+            except httpx.HTTPError as exc:  # the server frees it when the lease runs out
+                log.warning("concurrency limit %s: slots not released (%s)", name, exc)
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def _holder() -> ConcurrencyLeaseHolder | None:
+    run_id = task_run.id
+    return ConcurrencyLeaseHolder(type="task_run", id=UUID(run_id)) if run_id else None
+
+
+def _acquire(client: SyncPrefectClient, name: str, occupy: int) -> UUID:
+    holder = _holder()
+    while True:
+        try:
+            response = client.increment_concurrency_slots_with_lease(
+                names=[name],
+                slots=occupy,
+                mode="concurrency",
+                lease_duration=LEASE_SECONDS,
+                holder=holder,
+            )
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code != 423:
+                raise SlotUnavailable(
+                    f"concurrency limit {name}: the server refused {occupy} slot(s): "
+                    f"{exc.response.status_code} {exc.response.text[:200]}"
+                ) from exc
+            wait = float(exc.response.headers.get("Retry-After", MAX_WAIT_SECONDS))
+            time.sleep(min(max(wait, 0.05), MAX_WAIT_SECONDS))
+            cancel.check()
+            continue
+        body = response.json()
+        if not body.get("limits"):
+            raise SlotUnavailable(
+                f"concurrency limit {name} does not exist: routing never sends without its "
+                "destination's limit (`dicom-router setup` creates them)"
+            )
+        return UUID(body["lease_id"])
+
+
+@contextmanager
+def _renewing(lease: UUID) -> Iterator[None]:
+    """Renew the lease every third of its duration from a daemon thread; never joined.
+
+    A send shorter than that never renews (and the thread never opens a client).
+    """
+    stop = threading.Event()
+    context = contextvars.copy_context()  # the run's settings (its API), not the process's
+    thread = threading.Thread(
+        target=context.run,
+        args=(_renew_until, lease, stop),
+        name="dicom-router-lease",
+        daemon=True,
+    )
+    thread.start()
+    try:
         yield
+    finally:
+        stop.set()
+
+
+def _renew_until(lease: UUID, stop: threading.Event) -> None:
+    client: SyncPrefectClient | None = None
+    try:
+        while not stop.wait(LEASE_SECONDS / 3):
+            try:
+                if client is None:
+                    client = get_client(sync_client=True).__enter__()
+                client.renew_concurrency_lease(lease_id=lease, lease_duration=LEASE_SECONDS)
+            except Exception as exc:  # the send goes on; say that the limit may be exceeded
+                if not stop.is_set():
+                    log.error(
+                        "concurrency lease %s not renewed (%s): the destination may get "
+                        "more associations than its limit allows",
+                        lease,
+                        exc,
+                    )
+    finally:
+        if client is not None:
+            client.__exit__(None, None, None)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run, task_run
 from prefect.states import Cancelled, Failed, State
 
+from flows import cancel
 from flows.concurrency import destination_slot, ensure_destination_limit
 from flows.config_source import resolve_config
 from router import routing_log
@@ -120,15 +122,18 @@ def send_task(
     settings: Settings,
     force: bool,
     limit: str | None = None,
+    limit_size: int | None = None,
 ) -> Attempt:
     """One attempt at what the record says is missing; Prefect retries the transient.
 
     The destination's concurrency slot is held only while sending, not during the
     backoff between retries, so a waiting retry does not block other jobs.
     """
-    with destination_slot(limit, occupy=endpoint.associations):
+    cancel.check()
+    with destination_slot(limit, occupy=endpoint.associations, size=limit_size):
+        progress = cancel.checking(current_progress())
         attempt = attempt_once(
-            record, endpoint, files, settings, task_run.run_count, force, current_progress()
+            record, endpoint, files, settings, task_run.run_count, force, progress
         )
     if not attempt.ok and attempt.transient:
         delays = settings.retry_delays()
@@ -206,6 +211,7 @@ class FlowSteps:
             self.settings,
             self.force,
             limit,
+            slots,
             return_state=True,
         )
         outcome = state.result(raise_on_failure=False)
@@ -256,7 +262,26 @@ def _markdown(report: JobReport) -> str:
     return "\n\n".join(lines)
 
 
-@flow(name="route-job", flow_run_name=_job_run_name, validate_parameters=False)
+def local_result_storage() -> Path:
+    """Where results would go, named so that a run does not ask the server.
+
+    The router's runs persist no result (the job's record is the result); without a
+    storage of its own Prefect asks the server for its default storage three times per run
+    (`prefect/results.py`, `_get_default_result_storage`), which a busy server answers in
+    tens of milliseconds each.
+    """
+    from prefect.settings import get_current_settings
+
+    return Path(get_current_settings().results.local_storage_path)
+
+
+@flow(
+    name="route-job",
+    flow_run_name=_job_run_name,
+    validate_parameters=False,
+    persist_result=False,
+    result_storage=local_result_storage(),
+)
 def route_job_flow(
     job_dir: str,
     config: str | None = None,
@@ -336,13 +361,21 @@ def run_route_job(
         )
 
 
-def in_process() -> Any:
-    """Settings for a flow run in the command's own process.
+@contextmanager
+def in_process() -> Iterator[None]:
+    """Settings for flow runs in the command's own process.
 
-    Flow-run heartbeats let a server notice a worker that died mid-run; a run in the
-    caller's process has the caller watching it, and each sync run otherwise waits about a
-    second at its end for the heartbeat thread (PERF-NOTES).
+    The API is PREFECT_API_URL's server, or an ephemeral one that dies with the command
+    (`flows.ephemeral`). Flow-run heartbeats let a server notice a worker that died
+    mid-run; a run in the caller's process has the caller watching it, and each sync run
+    otherwise waits up to a second at its end for the heartbeat thread (PERF-NOTES).
+    Expected failures are logged without tracebacks (`flows.logs`).
     """
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-    return temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+    from flows.ephemeral import prefect_api
+    from flows.logs import quiet_expected_failures
+
+    quiet_expected_failures()
+    with prefect_api(), temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield

@@ -22,7 +22,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.route_job import RoutingFailed, route_job_flow
+from flows import cancel
+from flows.route_job import RoutingFailed, local_result_storage, route_job_flow
 from router.job import under_roots
 from router.settings import Settings
 from router.sweep import SweepPlan, mark_given_up, plan_sweep
@@ -83,11 +84,15 @@ def route_one(
     job_dir: Path, parameters: dict[str, Any], dispatch: str
 ) -> tuple[Outcome, str | None]:
     """Route one job as its own flow run and classify how it ended."""
+    cancel.check()  # a cancelled sweep starts no further job
     if dispatch == "deployment":
         from prefect.deployments import run_deployment
 
         run = run_deployment(
-            ROUTE_DEPLOYMENT, parameters={"job_dir": str(job_dir), **parameters}, timeout=None
+            ROUTE_DEPLOYMENT,
+            parameters={"job_dir": str(job_dir), **parameters},
+            timeout=None,
+            poll_interval=1,  # its default, 5 s, would add up to 5 s to every job of a sweep
         )
         return classify(run.state)
     state = route_job_flow(job_dir=str(job_dir), **parameters, return_state=True)
@@ -104,6 +109,8 @@ def route_one(
     name="sweep-unrouted",
     task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL_CAP),
     validate_parameters=False,
+    persist_result=False,
+    result_storage=local_result_storage(),
 )
 def sweep_unrouted_flow(
     root: str,

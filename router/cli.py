@@ -488,28 +488,29 @@ def setup(
     config: ConfigOpt = None,
     me: MeOpt = None,
     port: PortOpt = None,
-    pool: Annotated[str, typer.Option(help="Process work pool to create.")] = "dicom-router",
+    pool: Annotated[str, typer.Option(help="Work pool to create (type dicom-router).")] = (
+        "dicom-router"
+    ),
+    crash_after: Annotated[
+        float,
+        typer.Option(
+            help="Seconds without a heartbeat after which a run of the pool is Crashed.", min=10
+        ),
+    ] = 60.0,
 ) -> None:
-    """Create the work pool, the rules block type and the destinations' concurrency limits.
+    """Create the work pool, crash detection, the rules block type and the destination limits.
 
     One limit per destination host and port, sized by its max_associations (or the
     max_associations setting); run again after adding destinations or changing sizes.
     """
-    from prefect import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectAlreadyExists
-
     from flows.concurrency import set_destination_limit
     from flows.config_source import RoutingRules
+    from flows.service import ensure_crash_automation, ensure_work_pool
 
     settings = make_settings(config=config, me=me, port=port)
     cfg = read_config(settings)
-    with get_client(sync_client=True) as client:
-        try:
-            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-            typer.echo(f"work pool {pool}: created")
-        except ObjectAlreadyExists:
-            typer.echo(f"work pool {pool}: exists")
+    typer.echo(ensure_work_pool(pool))
+    typer.echo(ensure_crash_automation(pool, crash_after))
     RoutingRules.register_type_and_schema()
     typer.echo("block type dicom-routing-rules: registered")
     done: set[str] = set()
@@ -521,6 +522,38 @@ def setup(
             if name not in done:
                 done.add(name)
                 typer.echo(f"concurrency limit {name}: {size}")
+
+
+@app.command()
+def worker(
+    pool: Annotated[str, typer.Option(help="Work pool to serve.")] = "dicom-router",
+    limit: Annotated[int, typer.Option(help="Flow runs at once (threads).", min=1)] = 8,
+    name: Annotated[
+        str | None, typer.Option(help="Worker name in the UI (default dicom-router@HOST).")
+    ] = None,
+    heartbeat: Annotated[
+        float, typer.Option(help="Seconds between heartbeats of its runs.", min=1)
+    ] = 10.0,
+) -> None:
+    """Run the pool's route-job and sweep-unrouted flow runs in this process (needs a server).
+
+    One long-lived process, at most LIMIT runs at once; a run starts within a fraction of a
+    second of being scheduled. SIGTERM: no new runs, the runs in flight finish; a second
+    SIGTERM stops them between C-STOREs (reported Crashed, to be retried).
+    """
+    # Read by Prefect's settings when it is imported: the base poll, behind the events.
+    os.environ.setdefault("PREFECT_WORKER_QUERY_SECONDS", "5")
+    if not os.environ.get("PREFECT_API_URL"):
+        err("the worker needs a Prefect server: set PREFECT_API_URL (e.g. http://HOST:4200/api)")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    import asyncio
+
+    from flows.worker import RouterWorker, default_name, serve
+
+    runner = RouterWorker(
+        pool, limit=limit, name=name or default_name(), heartbeat_seconds=heartbeat
+    )
+    asyncio.run(serve(runner, typer.echo))
 
 
 def main() -> None:

@@ -133,6 +133,11 @@ class SendError(Exception):
         self.transient = transient
 
 
+class StopRun(Exception):
+    """Raised by a step to stop the whole run where it stands (a cancellation), not to fail
+    the entry it was in: routing neither fails the entry nor goes on with the others."""
+
+
 def status_is_transient(status: int) -> bool:
     """0xA7xx (out of resources) is worth retrying; 0xA9xx, 0xCxxx and others are not."""
     return (status & 0xFF00) == 0xA700

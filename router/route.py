@@ -32,7 +32,7 @@ from router.job import (
     load_job,
 )
 from router.lock import JobLocked, job_lock
-from router.model import DicomFile, Endpoint, SendError, StoreResult, status_is_transient
+from router.model import DicomFile, Endpoint, SendError, StopRun, StoreResult, status_is_transient
 from router.record import (
     Record,
     RecordWriteError,
@@ -391,7 +391,7 @@ def route_rules(matches: Sequence[RuleMatch], steps: Steps) -> Routing:
             if directory not in scans:
                 scans[directory] = steps.scan(directory)
             report = steps.error_report() if spec.rule.error_report else None
-        except RecordWriteError:
+        except (RecordWriteError, StopRun):
             raise
         except Exception as exc:
             broken = _step_failed(f"scanning {directory}/ of the job", exc)
@@ -416,7 +416,7 @@ def route_rules(matches: Sequence[RuleMatch], steps: Steps) -> Routing:
                 if _route_entry(steps, spec, entry, folder, report, result):
                     outcome.not_evaluated = [e.index for e in matching[n + 1 :]]
                     break
-            except RecordWriteError:
+            except (RecordWriteError, StopRun):
                 raise
             except Exception as exc:
                 result.state = "failed"
@@ -602,6 +602,8 @@ def mark_failed(job_dir: Path, exc: BaseException, record: Record | None) -> Job
         reason = str(exc) if isinstance(exc, RecordWriteError) else _step_failed("routing", exc)
         if isinstance(exc, RecordWriteError):
             reason += "; sending stopped"
+    elif isinstance(exc, StopRun):
+        reason = f"interrupted: {exc}"
     elif isinstance(exc, Exception):
         reason = _step_failed("routing the job", exc)
     else:
@@ -720,8 +722,8 @@ def _run_locked(
         raise
     except BaseException as exc:
         failed = mark_failed(path, exc, record)
-        if not isinstance(exc, Exception):
-            raise  # Ctrl-C, cancellation: recorded, and on its way
+        if isinstance(exc, StopRun) or not isinstance(exc, Exception):
+            raise  # Ctrl-C, a cancellation: recorded, and on its way
         raise failed from exc
     finally:
         if record is not None:

@@ -1,9 +1,10 @@
-"""pytest plugin: a real Prefect server on a throwaway PostgreSQL, process work pools and workers.
+"""pytest plugin: a real Prefect server on a throwaway PostgreSQL, work pools and workers.
 
 Service-level tests need what production runs: `prefect server start` as its own process,
 PostgreSQL behind it (SQLite answers "database is locked" once runs overlap, PERF-NOTES),
-and `prefect worker start --type process` workers that pick runs up and execute them in
-fresh interpreters. Everything listens on 127.0.0.1 and free ports and lives in temp
+and workers that pick runs up: `dicom-router worker` (the warm routing worker, which runs
+them in its own process: `warm=True`), or `prefect worker start --type process`, which
+executes each in a fresh interpreter. Everything listens on 127.0.0.1 and free ports and lives in temp
 dirs; nothing of the developer's ~/.prefect or PREFECT_* environment is used.
 
 Fixtures: `postgres` (session), `prefect_servers` (session factory), `prefect_server`
@@ -841,7 +842,7 @@ def prefect_server(
 
 @dataclass
 class Worker:
-    """One `prefect worker start --type process`."""
+    """One `prefect worker start --type process`, or one `dicom-router worker` (warm)."""
 
     name: str
     pool: str
@@ -860,8 +861,12 @@ class Worker:
         self.service.stop()
 
 
-def create_work_pool(server: PrefectServer, name: str, *, direct_engine: bool = False) -> str:
+def create_work_pool(
+    server: PrefectServer, name: str, *, direct_engine: bool = False, warm: bool = False
+) -> str:
     """A process work pool with the default job template, as `prefect work-pool create`.
+
+    `warm`: a pool of the `dicom-router` type instead, as `dicom-router setup` creates it.
 
     `direct_engine`: make `python -m prefect.engine` the pool's default `command`. The
     worker then starts the engine itself instead of Prefect 3.9's workspace supervisor
@@ -873,6 +878,12 @@ def create_work_pool(server: PrefectServer, name: str, *, direct_engine: bool = 
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.workers.process import ProcessWorker
 
+    if warm:
+        from flows.service import ensure_work_pool
+
+        with server.settings():
+            ensure_work_pool(name)
+        return name
     template = ProcessWorker.get_default_base_job_template()
     if direct_engine:
         template["variables"]["properties"]["command"]["default"] = (
@@ -893,31 +904,45 @@ def start_worker(
     *,
     limit: int | None = None,
     env: Mapping[str, str] | None = None,
+    warm: bool = False,
+    heartbeat: float | None = None,
 ) -> Worker:
     """`prefect worker start --pool POOL --type process --name NAME`, cwd the repo root.
 
+    `warm`: `dicom-router worker --pool POOL --name NAME` instead (its own, event-driven
+    pickup: no WORKER_SETTINGS), with `--heartbeat` when given.
     Does not wait: see `WorkPool.start_workers`. `env` reaches its flow runs too
     (e.g. DICOM_ROUTER_* settings); WORKER_SETTINGS are applied first.
     """
     home = base / f"{name}-home"
     home.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool]
-    cmd += ["--type", "process", "--name", name]
+    if warm:
+        cmd = [sys.executable, "-m", "router", "worker", "--pool", pool, "--name", name]
+        if heartbeat is not None:
+            cmd += ["--heartbeat", str(heartbeat)]
+        settings: dict[str, str] = {}
+    else:
+        cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool]
+        cmd += ["--type", "process", "--name", name]
+        settings = WORKER_SETTINGS
     if limit is not None:
         cmd += ["--limit", str(limit)]
-    worker_env = server.env(home, **WORKER_SETTINGS, **(env or {}))
+    worker_env = server.env(home, **settings, **(env or {}))
     service = spawn(f"worker {name}", cmd, base / f"{name}.log", worker_env, cwd=REPO_ROOT)
     return Worker(name, pool, home, service)
 
 
 @dataclass
 class WorkPool:
-    """A process work pool on a server, and the workers serving it."""
+    """A work pool on a server (process, or warm: dicom-router), and the workers serving it."""
 
     name: str
     server: PrefectServer
     base: Path
     workers: list[Worker] = field(default_factory=list)
+    warm: bool = False
+    heartbeat: float | None = None
+    """The warm workers' --heartbeat."""
 
     def start_workers(
         self, n: int = 1, *, limit: int | None = None, env: Mapping[str, str] | None = None
@@ -935,6 +960,8 @@ class WorkPool:
                 self.base,
                 limit=limit,
                 env=env,
+                warm=self.warm,
+                heartbeat=self.heartbeat,
             )
             for i in range(n)
         ]
@@ -982,9 +1009,13 @@ def work_pools(
         limit: int | None = None,
         env: Mapping[str, str] | None = None,
         direct_engine: bool = False,
+        warm: bool = False,
+        heartbeat: float | None = None,
     ) -> WorkPool:
-        name = create_work_pool(server, f"pool-{uuid.uuid4().hex[:8]}", direct_engine=direct_engine)
-        pool = WorkPool(name, server, tmp_path_factory.mktemp(name))
+        name = create_work_pool(
+            server, f"pool-{uuid.uuid4().hex[:8]}", direct_engine=direct_engine, warm=warm
+        )
+        pool = WorkPool(name, server, tmp_path_factory.mktemp(name), warm=warm, heartbeat=heartbeat)
         pools.append(pool)
         if workers:
             try:
@@ -1004,9 +1035,10 @@ def work_pools(
 def work_pool(
     prefect_server: PrefectServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[..., WorkPool]]:
-    """Factory: ``work_pool(workers=1, *, limit=None, env=None, direct_engine=False)``.
+    """Factory: ``work_pool(workers=1, *, limit=None, env=None, direct_engine=False,
+    warm=False, heartbeat=None)``.
 
-    Creates a process work pool (unique name) on the session's server and starts
+    Creates a process work pool (or, `warm`, a dicom-router pool with warm workers) (unique name) on the session's server and starts
     `workers` workers for it; they, and their flow runs, are stopped at teardown.
     """
     with work_pools(prefect_server, tmp_path_factory) as make:

@@ -245,6 +245,9 @@ def test_cli_route_exit_codes_and_json(
     )
     assert failed.returncode == 1, failed.stderr
     assert "connection refused" in json.loads(failed.stdout)["reason"]
+    # an expected failure is one line per attempt, no traceback (tracebacks are for bugs)
+    assert "Traceback" not in failed.stderr
+    assert failed.stderr.count("outcome=retrying") == 1  # DICOM_ROUTER_RETRIES=1
 
 
 def test_cli_bad_input_and_not_ready(
@@ -342,3 +345,63 @@ def test_cli_echo(scp: Callable[..., Any]) -> None:
     assert result.returncode == 0 and "success" in result.stdout
     result = cli("echo", "127.0.0.1", str(free_port()), "PACS")
     assert result.returncode == 1 and "connection refused" in result.stderr
+
+
+def test_cli_route_killed_leaves_no_process_behind(
+    router_env: dict[str, str], tmp_path: Path, scp: Callable[..., Any]
+) -> None:
+    """Without PREFECT_API_URL the command starts an API server; SIGKILL takes it along."""
+    import signal
+    import time
+
+    server = scp(ae_title="PACS", delay=0.5)
+    job = tmp_path / "job"
+    write_job(job, n_output=20, n_input=0)
+    config = write_config(tmp_path / "r.json", {"send": [{".*": dest(server.port, "PACS")}]})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {**router_env, "PREFECT_HOME": str(tmp_path / "home")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "router", "route", str(job), "--config", str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 150
+        while not server.instances:  # mid-send: the API server is up
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        children = _descendants(proc.pid)
+        assert children, "the command started no API server"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in children if _alive(pid)]
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+                found.append(int(entry.name))
+                todo.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

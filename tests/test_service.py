@@ -1,10 +1,13 @@
-"""Routing as a service: a real Prefect server on PostgreSQL, real process workers.
+"""Routing as a service: a real Prefect server on PostgreSQL, real warm workers.
 
-What a site relies on, end to end: a finished processing run triggers `route-job`; a job
-announced by an event is routed; a failed run retried as the UI does sends only what is
-missing; a deployed sweep fans the pending jobs out to the workers; two workers routing
-20 jobs from one folder deliver every instance exactly once, hold the per-job lock and the
-per-destination concurrency limit across workers.
+What a site relies on, end to end, with `dicom-router worker` as the README sets it up: a
+finished processing run triggers `route-job`; a job announced by an event is routed; a
+failed run retried as the UI does sends only what is missing; a run cancelled as the UI
+does stops between C-STOREs with its record true; a run that raises fails alone; a
+deployed sweep fans the pending jobs out to the workers; two workers routing 20 jobs from
+one folder deliver every instance exactly once, hold the per-job lock and the
+per-destination concurrency limit across workers; a worker killed with SIGKILL mid-send
+leaves its run Crashed (heartbeats), and a Retry completes it with at most one duplicate.
 """
 
 from __future__ import annotations
@@ -22,7 +25,13 @@ import pytest
 
 from router.record import RECORD, read_status
 from tests.factory import dicom_file, write_job
-from tests.fixtures_prefect import REPO_ROOT, PrefectServer, WorkPool, work_pools
+from tests.fixtures_prefect import (
+    REPO_ROOT,
+    PrefectServer,
+    WorkPool,
+    record_timing,
+    work_pools,
+)
 
 pytestmark = [pytest.mark.flow, pytest.mark.peers]
 
@@ -68,9 +77,9 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Site:
 def pool(
     prefect_server: PrefectServer, site: Site, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[WorkPool]:
-    """Two workers on one process pool, deployed as production deploys (prefect.yaml)."""
+    """Two warm workers on one pool, deployed as production deploys (prefect.yaml)."""
     with work_pools(prefect_server, tmp_path_factory) as make:
-        workers = make(2, limit=4, env=site.env())
+        workers = make(2, limit=4, env=site.env(), warm=True)
         prefect_server.cli("deploy", "--name", "route-job", "--pool", workers.name)
         yield workers
 
@@ -229,3 +238,111 @@ def test_setup_and_a_deployed_sweep(
     assert done.state.is_completed(), done.state.message
     assert pacs.counts == {uid: 1 for uid in set().union(*(uids(j) for j in pending))}
     assert read_status(root / "waiting") is None
+
+
+def recorded(job: Path, *, stored: bool = True) -> list[str]:
+    """SOPInstanceUIDs of the record's store lines (stored ones, or all), in order."""
+    lines = [json.loads(x) for x in (job / RECORD).read_text().splitlines() if x.strip()]
+    return [e["sop"] for e in lines if e.get("event") == "store" and (e["stored"] or not stored)]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.05)
+
+
+def test_a_run_cancelled_from_the_ui_stops_between_c_stores(
+    prefect_server: PrefectServer, pool: WorkPool, site: Site, scp: Callable[..., Any]
+) -> None:
+    from prefect.states import Cancelling
+
+    pacs = scp(ae_title="PACS", delay=0.05)
+    site.route_to(pacs.port, "PACS")
+    job = site.base / "jobs" / "cancelled-0001"
+    write_job(job, n_output=60, n_input=0, rows=16, cols=16)
+    run = prefect_server.run_deployment(ROUTE, {"job_dir": str(job)})
+    wait_until(lambda: len(pacs.instances) >= 3, 60, "instance stored")
+
+    with prefect_server.client() as client:  # what the UI's Cancel does
+        client.set_flow_run_state(run.id, Cancelling(), force=True)
+    done = prefect_server.wait_for_flow_runs([run.id], timeout=60, pool=pool)[run.id]
+    assert done.state.is_cancelled(), (done.state.name, done.state.message)
+    arrived = dict(pacs.counts)
+    time.sleep(0.5)
+    assert pacs.counts == arrived  # nothing sent after the run stopped
+    assert 3 <= len(arrived) < 60
+    assert sorted(recorded(job)) == sorted(arrived)  # the record is true: no more, no less
+
+    result = prefect_server.retry_flow_run(run.id)  # and a Retry sends the rest, once
+    assert result.status.value == "ACCEPT", result
+    again = prefect_server.wait_for_flow_runs([run.id], timeout=120, pool=pool)[run.id]
+    assert again.state.is_completed(), again.state.message
+    assert pacs.counts == {uid: 1 for uid in uids(job)}
+
+
+def test_a_run_that_raises_fails_alone(
+    prefect_server: PrefectServer, pool: WorkPool, site: Site, scp: Callable[..., Any]
+) -> None:
+    pacs = scp(ae_title="PACS", delay=0.02)
+    site.route_to(pacs.port, "PACS")
+    good, bad = site.base / "jobs" / "alone-good", site.base / "jobs" / "alone-bad"
+    write_job(good, n_output=30, n_input=0, rows=16, cols=16)
+    write_job(bad, n_output=2, n_input=0)
+    (bad / "proc.json").write_text("{not json")  # the flow raises out of its run
+    runs = [
+        prefect_server.run_deployment(ROUTE, {"job_dir": str(good)}),
+        prefect_server.run_deployment(ROUTE, {"job_dir": str(bad)}),
+    ]
+    final = prefect_server.wait_for_flow_runs([r.id for r in runs], timeout=120, pool=pool)
+    assert final[runs[0].id].state.is_completed(), final[runs[0].id].state.message
+    assert final[runs[1].id].state.is_failed()
+    assert "proc.json: not valid JSON" in str(final[runs[1].id].state.message)
+    assert pacs.counts == {uid: 1 for uid in uids(good)}
+    assert all(w.running for w in pool.workers)
+
+
+def test_a_killed_worker_s_run_crashes_and_a_retry_completes_it(
+    prefect_server: PrefectServer,
+    work_pool: Callable[..., WorkPool],
+    site: Site,
+    scp: Callable[..., Any],
+) -> None:
+    """kill -9 mid-send: heartbeats stop, the crash automation marks the run Crashed."""
+    import os
+    import signal
+
+    from flows.service import ensure_crash_automation
+
+    pacs = scp(ae_title="PACS", delay=0.05)
+    site.route_to(pacs.port, "PACS")
+    crashing = work_pool(1, limit=2, env=site.env(), warm=True, heartbeat=2)
+    with prefect_server.settings():
+        ensure_crash_automation(crashing.name, 10)
+    name = crashing.deploy("flows/route_job.py:route_job_flow", "route-job-crash")
+    job = site.base / "jobs" / "killed-0001"
+    write_job(job, n_output=60, n_input=0, rows=16, cols=16)
+    run = prefect_server.run_deployment(name, {"job_dir": str(job)})
+    wait_until(lambda: len(pacs.instances) >= 5, 60, "instance stored")
+
+    os.killpg(crashing.workers[0].service.process.pid, signal.SIGKILL)
+    start = time.monotonic()
+    wait_until(
+        lambda: (
+            (r := prefect_server.flow_runs([run.id])[run.id]).state is not None
+            and r.state.is_crashed()
+        ),
+        60,
+        "Crashed state",
+    )
+    record_timing("kill -9 of a warm worker to its run Crashed", time.monotonic() - start)
+    assert len(pacs.instances) < 60
+
+    crashing.start_workers(1, limit=2, env=site.env())  # systemd's Restart=on-failure
+    result = prefect_server.retry_flow_run(run.id)
+    assert result.status.value == "ACCEPT", result
+    again = prefect_server.wait_for_flow_runs([run.id], timeout=120, pool=crashing)[run.id]
+    assert again.state.is_completed(), again.state.message
+    assert set(pacs.counts) == uids(job)  # nothing lost
+    assert sum(n - 1 for n in pacs.counts.values()) <= 1  # at most the instance in flight
