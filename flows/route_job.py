@@ -23,11 +23,12 @@ from prefect.runtime import flow_run, task_run
 from prefect.states import Cancelled, Failed, State
 
 from flows import cancel
+from flows.alerts import announce_job_failed, announce_report
 from flows.concurrency import destination_slot, ensure_destination_limit
 from flows.config_source import resolve_config
 from router import routing_log
 from router.config import RoutingConfig, RuleSpec, SendEntry
-from router.job import Job, JobInvalid, JobRefused, JobWaiting, load_job
+from router.job import Job, JobFailed, JobInvalid, JobRefused, JobWaiting, load_job
 from router.lock import JobLocked
 from router.model import DicomFile, Endpoint
 from router.parallel import associations_for
@@ -314,14 +315,21 @@ def route_job_flow(
             steps_for=lambda job, record: FlowSteps(job, cfg, settings, record, force),
             rules=cfg.version,
         )
-    except (JobInvalid, JobWaiting, JobLocked, JobRefused) as exc:
+    except (JobInvalid, JobRefused) as exc:
+        announce_job_failed(job_dir, ENDING_NAMES[type(exc)].lower(), str(exc))  # alerts
         return ending_state(exc)
+    except (JobWaiting, JobLocked) as exc:
+        return ending_state(exc)
+    except JobFailed as exc:
+        announce_job_failed(job_dir, "failed", exc.reason)
+        raise
     create_table_artifact(
         key=_artifact_key(report.job),
         table=report.rows() or [{"outcome": "no rule applied"}],
         description=_markdown(report),
     )
     if report.state == "failed":
+        announce_report(report)  # alerts
         raise RoutingFailed(report)
     return report.to_dict()
 

@@ -23,8 +23,12 @@ from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import cancel
+from flows.alerts import announce_given_up
 from flows.route_job import RoutingFailed, local_result_storage, route_job_flow
+from router import observe
 from router.job import under_roots
+from router.overview import render, site_overview
+from router.record import read_status
 from router.settings import Settings
 from router.sweep import SweepPlan, mark_given_up, plan_sweep
 
@@ -49,8 +53,11 @@ def plan_task(root: Path, settings: Settings) -> SweepPlan:
         logger.warning("invalid, not routed until fixed: %s", reason)
     for job, when in plan.backing_off[:20]:
         logger.info("failed, next try after %s: %s", when.isoformat(timespec="seconds"), job)
-    for job, _ in plan.given_up:
-        mark_given_up(job, settings.backoff())
+    for job, reason in plan.given_up:
+        before = read_status(job)
+        after = mark_given_up(job, settings.backoff())
+        if after is not None and after.given_up and not (before and before.given_up):
+            announce_given_up(str(job), reason, after.consecutive_failures)  # alerts
     for job, reason in plan.given_up[:20]:
         logger.warning("given up after repeated failures: %s: %s", job, reason)
     return plan
@@ -164,10 +171,38 @@ def sweep_unrouted_flow(
         table=report["jobs"] or [{"job": "", "outcome": "nothing to route"}],
         description=f"sweep of `{root_path}`: {report['counts']}",
     )
+    publish_overview(root_path, settings)
     tried_not_routed = [j for j in report["jobs"] if j["outcome"] not in NOT_A_FAILURE]
     if tried_not_routed:
         raise SweepFailed(report)
     return report
+
+
+OVERVIEW_KEY = "site-overview"
+
+
+def publish_overview(root: Path, settings: Settings) -> None:
+    """The site's state after this sweep, as `dicom-router status` shows it: one artifact
+    with a stable key, so that the UI's Artifacts page always has the current overview."""
+    view = site_overview(root, settings.backoff())
+    watcher = observe.current()
+    if watcher is not None:
+        watcher.site(view)
+    rows = [
+        {
+            "destination": key,
+            "stored today": dest.stored_today,
+            "last success": dest.last_success or "",
+            "last failure": dest.last_failure or "",
+            "reason": dest.failure or "",
+        }
+        for key, dest in view.destinations.items()
+    ]
+    create_table_artifact(
+        key=OVERVIEW_KEY,
+        table=rows or [{"destination": "", "stored today": 0}],
+        description="\n\n".join(render(view)[:3]),
+    )
 
 
 class SweepFailed(Exception):

@@ -64,6 +64,7 @@ from prefect.workers.base import (
 
 from flows import cancel
 from flows.concurrency import LocalGates, gated
+from router.observe import Observer, observing
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
@@ -172,12 +173,15 @@ class RouterWorker(BaseWorker[RouterJobConfiguration, RouterVariables, RouterWor
         *,
         limit: int = DEFAULT_LIMIT,
         heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS,
+        observer: Observer | None = None,
         **kwargs: Any,
     ) -> None:
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
         super().__init__(work_pool_name, limit=limit, **kwargs)
         self.heartbeat_seconds = heartbeat_seconds
+        self.observer = observer
+        """Told how each run ended (the metrics, `--metrics-port`)."""
         self.identifier = f"{socket.gethostname()}:{os.getpid()}"
         self._threads = _Threads(limit)
         self._in_flight: dict[UUID, WarmRun] = {}
@@ -422,7 +426,7 @@ class RouterWorker(BaseWorker[RouterJobConfiguration, RouterVariables, RouterWor
         # run back from the server (deployment and all) before the flow itself starts.
         flow_run = run.flow_run.model_copy(update={"deployment_id": None})
         try:
-            with cancel.stoppable(run.stop):
+            with cancel.stoppable(run.stop), observing(self.observer):
                 run_flow(flow, flow_run=flow_run, return_type="state")
         except cancel.RunCancelled:
             return None

@@ -497,6 +497,18 @@ def setup(
             help="Seconds without a heartbeat after which a run of the pool is Crashed.", min=10
         ),
     ] = 60.0,
+    alert_webhook: Annotated[
+        str | None,
+        typer.Option(help="POST a JSON alert here on failures. Env: DICOM_ROUTER_ALERT_WEBHOOK."),
+    ] = None,
+    alert_notification: Annotated[
+        str | None,
+        typer.Option(help="Or send alerts through this Prefect notification block (SLUG/NAME)."),
+    ] = None,
+    alert_interval: Annotated[
+        float | None,
+        typer.Option(help="At most one alert per destination in this many seconds."),
+    ] = None,
 ) -> None:
     """Create the work pool, crash detection, the rules block type and the destination limits.
 
@@ -507,10 +519,26 @@ def setup(
     from flows.config_source import RoutingRules
     from flows.service import ensure_crash_automation, ensure_work_pool
 
-    settings = make_settings(config=config, me=me, port=port)
+    settings = make_settings(
+        config=config,
+        me=me,
+        port=port,
+        alert_webhook=alert_webhook,
+        alert_interval=alert_interval,
+    )
+    refuse_open_server(settings)
     cfg = read_config(settings)
     typer.echo(ensure_work_pool(pool))
     typer.echo(ensure_crash_automation(pool, crash_after))
+    if settings.alert_webhook or alert_notification:
+        from flows.alerts import ensure_alert_automations
+
+        for line in ensure_alert_automations(
+            settings.alert_interval,
+            webhook_url=settings.alert_webhook,
+            notification=alert_notification,
+        ):
+            typer.echo(line)
     RoutingRules.register_type_and_schema()
     typer.echo("block type dicom-routing-rules: registered")
     done: set[str] = set()
@@ -534,6 +562,12 @@ def worker(
     heartbeat: Annotated[
         float, typer.Option(help="Seconds between heartbeats of its runs.", min=1)
     ] = 10.0,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus metrics on this port (/metrics).")
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option(help="Address the metrics listen on (0.0.0.0: every interface).")
+    ] = "127.0.0.1",
 ) -> None:
     """Run the pool's route-job and sweep-unrouted flow runs in this process (needs a server).
 
@@ -550,10 +584,50 @@ def worker(
 
     from flows.worker import RouterWorker, default_name, serve
 
+    settings = make_settings()
+    refuse_open_server(settings)
+    if settings.allowlist is None:
+        err(
+            "warning: no destination allow-list (DICOM_ROUTER_ALLOWLIST): this worker sends "
+            "wherever the rules say, and whoever may edit them in the UI decides that "
+            "(README, Security)"
+        )
+    else:
+        from router.allowlist import AllowListError, load_allowlist
+
+        try:
+            load_allowlist(settings.allowlist)
+        except AllowListError as exc:
+            err(f"the allow-list cannot be used, every send would be refused: {exc}")
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+    observer = None
+    if metrics_port is not None:
+        from flows.metrics import WorkerMetrics
+
+        observer = WorkerMetrics()
+        observer.serve(metrics_port, metrics_host)
+        typer.echo(f"metrics: http://{metrics_host}:{metrics_port}/metrics")
     runner = RouterWorker(
-        pool, limit=limit, name=name or default_name(), heartbeat_seconds=heartbeat
+        pool,
+        limit=limit,
+        name=name or default_name(),
+        heartbeat_seconds=heartbeat,
+        observer=observer,
     )
     asyncio.run(serve(runner, typer.echo))
+
+
+def refuse_open_server(settings: Settings) -> None:
+    """Exit unless the Prefect server in use is protected (flows/server_check.py)."""
+    from flows.server_check import OpenServer, check_server_protected
+
+    try:
+        note = check_server_protected(os.environ.get("PREFECT_API_URL"), settings)
+    except OpenServer as exc:
+        err(f"refused: {exc}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    if note:
+        err(f"warning: {note}")
 
 
 def main() -> None:

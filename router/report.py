@@ -27,6 +27,8 @@ class Delivery:
     failed: int = 0
     attempts: int = 0
     seconds: float = 0.0
+    bytes: int = 0
+    """Of the files this entry stored (their size on disk)."""
     error: str | None = None
     transient: bool = False
     failures: list[dict[str, Any]] = field(default_factory=list)

@@ -8,7 +8,9 @@ wraps each step in a task) run the very same branching.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from router import allowlist, routing_log
+from router import allowlist, observe, routing_log
 from router.config import RoutingConfig, RuleSpec, SendEntry
 from router.error_report import find_reference, report_path, write_error_report
 from router.job import (
@@ -279,9 +281,15 @@ def summarize(
             parts.append(f"{len(own)} not stored: {first.relpath}: {why}{others}")
         if not ended and not own:
             parts.append(f"{len(left)} not stored")
+    sent_bytes = 0
+    for f in files:
+        if f.sop_instance_uid in stored_now:
+            with contextlib.suppress(OSError):
+                sent_bytes += os.stat(f.path).st_size
     return Delivery(
         destination=str(endpoint),
         key=endpoint.key,
+        bytes=sent_bytes,
         selected=len(files) + len(unsendable),
         already=len(uids & done_before),
         stored=len(stored_now & uids),
@@ -570,7 +578,18 @@ def finish(report: JobReport, record: Record, routing: Routing) -> Status:
     report.finished = now()
     status = record.end(report.state, report.reason(), report.rows(), report.deliveries())
     routing_log.job_done(report)
+    watcher = observe.current()
+    if watcher is not None:
+        for delivery in report.deliveries():
+            watcher.delivered(delivery)
+        watcher.job_ended(report.state)
     return status
+
+
+def _ended(outcome: str) -> None:
+    watcher = observe.current()
+    if watcher is not None:
+        watcher.job_ended(outcome)
 
 
 def _keep_status(job_dir: Path, state: State, reason: str | None, *, counts: bool) -> None:
@@ -585,11 +604,13 @@ def mark_invalid(job_dir: Path, error: JobInvalid) -> None:
     """Keep the reason in the job's status so sweeps and users see why it is not routed."""
     _keep_status(job_dir, "invalid", str(error), counts=False)
     routing_log.invalid(job_dir, error)
+    _ended("invalid")
 
 
 def mark_waiting(job_dir: Path, waiting: JobWaiting) -> None:
     _keep_status(job_dir, "waiting", str(waiting), counts=False)
     routing_log.waiting(job_dir, waiting)
+    _ended("waiting")
 
 
 def mark_failed(job_dir: Path, exc: BaseException, record: Record | None) -> JobFailed:
@@ -612,6 +633,7 @@ def mark_failed(job_dir: Path, exc: BaseException, record: Record | None) -> Job
         record.abandon("failed", reason)
     _keep_status(job_dir, "failed", reason, counts=True)
     routing_log.failed(job_dir, reason)
+    _ended("failed")
     return JobFailed(job_dir, reason)
 
 
@@ -622,6 +644,7 @@ def _check_root(path: Path, settings: Settings, origin: str) -> None:
     except JobRefused as exc:
         with routing_log.writing_to(settings.log_file):
             routing_log.refused(path, origin, exc.reason)
+        _ended("refused")
         raise
 
 
@@ -687,6 +710,7 @@ def run_job(
                 return _run_locked(path, force, origin, load, match, steps_for, rules)
         except JobLocked as exc:
             routing_log.locked(path, exc)
+            _ended("locked")
             raise
         except JobError:
             raise

@@ -64,6 +64,12 @@ class Settings(BaseSettings):
         description="Accept a Prefect server that answers without authentication from a "
         "non-loopback address.",
     )
+    alert_webhook: str | None = Field(
+        None, description="URL that `dicom-router setup` makes the alert automations POST to."
+    )
+    alert_interval: float = Field(
+        900.0, ge=0, description="At most one alert per destination in this many seconds."
+    )
     config_block: str = Field(
         "default", description="Name of the routing-rules block used when no file is given."
     )

@@ -906,6 +906,7 @@ def start_worker(
     env: Mapping[str, str] | None = None,
     warm: bool = False,
     heartbeat: float | None = None,
+    args: Sequence[str] = (),
 ) -> Worker:
     """`prefect worker start --pool POOL --type process --name NAME`, cwd the repo root.
 
@@ -927,6 +928,7 @@ def start_worker(
         settings = WORKER_SETTINGS
     if limit is not None:
         cmd += ["--limit", str(limit)]
+    cmd += list(args)
     worker_env = server.env(home, **settings, **(env or {}))
     service = spawn(f"worker {name}", cmd, base / f"{name}.log", worker_env, cwd=REPO_ROOT)
     return Worker(name, pool, home, service)
@@ -945,7 +947,12 @@ class WorkPool:
     """The warm workers' --heartbeat."""
 
     def start_workers(
-        self, n: int = 1, *, limit: int | None = None, env: Mapping[str, str] | None = None
+        self,
+        n: int = 1,
+        *,
+        limit: int | None = None,
+        env: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
     ) -> list[Worker]:
         """Start `n` more workers at once; return when the server has heard from each.
 
@@ -962,6 +969,7 @@ class WorkPool:
                 env=env,
                 warm=self.warm,
                 heartbeat=self.heartbeat,
+                args=args,
             )
             for i in range(n)
         ]
@@ -1011,6 +1019,7 @@ def work_pools(
         direct_engine: bool = False,
         warm: bool = False,
         heartbeat: float | None = None,
+        args: Sequence[str] = (),
     ) -> WorkPool:
         name = create_work_pool(
             server, f"pool-{uuid.uuid4().hex[:8]}", direct_engine=direct_engine, warm=warm
@@ -1019,7 +1028,7 @@ def work_pools(
         pools.append(pool)
         if workers:
             try:
-                pool.start_workers(workers, limit=limit, env=env)
+                pool.start_workers(workers, limit=limit, env=env, args=args)
             except RuntimeError as exc:
                 pytest.fail(f"worker did not start: {exc}")
         return pool

@@ -346,3 +346,54 @@ def test_a_killed_worker_s_run_crashes_and_a_retry_completes_it(
     assert again.state.is_completed(), again.state.message
     assert set(pacs.counts) == uids(job)  # nothing lost
     assert sum(n - 1 for n in pacs.counts.values()) <= 1  # at most the instance in flight
+
+
+def test_the_worker_serves_prometheus_metrics(
+    prefect_server: PrefectServer,
+    site: Site,
+    tmp_path_factory: pytest.TempPathFactory,
+    storescp: Callable[..., Any],
+) -> None:
+    """Exact counter values after routing one job that is stored and one that fails."""
+    import urllib.request
+
+    from tests.fixtures_dcmtk import free_port
+
+    pacs = storescp("PACS")
+    dead, port = free_port(), free_port()
+    base = tmp_path_factory.mktemp("metrics")
+    good, bad = base / "good.json", base / "bad.json"
+    for path, target in ((good, pacs.port), (bad, dead)):
+        dest = {"IP": "127.0.0.1", "PORT": target, "AETitleSender": "ROUTER", "AETitleTo": "PACS"}
+        path.write_text(json.dumps({"routing": [{"send": [{".*": dest}]}]}))
+    env = {**site.env(), "DICOM_ROUTER_RETRIES": "1", "DICOM_ROUTER_RETRY_DELAY": "0.1"}
+    with work_pools(prefect_server, tmp_path_factory) as make:
+        pool = make(1, env=env, warm=True, args=["--metrics-port", str(port)])
+        deployment = pool.deploy("flows/route_job.py:route_job_flow", "metrics")
+        ok, ko = base / "ok", base / "ko"
+        write_job(ok, n_output=3, n_input=0)
+        write_job(ko, n_output=2, n_input=0)
+        runs = [
+            prefect_server.run_deployment(deployment, {"job_dir": str(job), "config": str(cfg)})
+            for job, cfg in ((ok, good), (ko, bad))
+        ]
+        prefect_server.wait_for_flow_runs([r.id for r in runs], timeout=120, pool=pool)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+    values = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("dicom_router_")
+    }
+    stored_at, failed_at = f"PACS@127.0.0.1:{pacs.port}", f"PACS@127.0.0.1:{dead}"
+    size = sum(p.stat().st_size for p in (ok / "OUTPUT").iterdir())
+    assert values[f'dicom_router_instances_stored_total{{destination="{stored_at}"}}'] == 3
+    assert values[f'dicom_router_instances_not_stored_total{{destination="{failed_at}"}}'] == 2
+    assert values[f'dicom_router_sent_bytes_total{{destination="{stored_at}"}}'] == size
+    assert values[f'dicom_router_send_retries_total{{destination="{failed_at}"}}'] == 1
+    assert values[f'dicom_router_send_retries_total{{destination="{stored_at}"}}'] == 0
+    assert values['dicom_router_jobs_total{outcome="routed"}'] == 1
+    assert values['dicom_router_jobs_total{outcome="failed"}'] == 1
+    failed_entries = f'dicom_router_deliveries_total{{destination="{failed_at}",outcome="failed"}}'
+    assert values[failed_entries] == 1
+    assert str(base) not in text  # labels are destinations and outcomes, never job paths
