@@ -10,6 +10,7 @@ this before they start, unless `DICOM_ROUTER_ALLOW_OPEN_SERVER` says the site me
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import socket
 from urllib.parse import urlsplit
@@ -67,3 +68,26 @@ def check_server_protected(api_url: str | None, settings: Settings) -> str | Non
         "PREFECT_API_AUTH_STRING here; README, Security), or set "
         "DICOM_ROUTER_ALLOW_OPEN_SERVER=true if this is intended."
     )
+
+
+def check_credentials(api_url: str | None, auth_string: str | None) -> str | None:
+    """Why the server refuses this process's credentials (401), or None when it takes them."""
+    if not api_url:
+        return None
+    headers = {}
+    if auth_string:
+        token = base64.b64encode(auth_string.encode("utf-8")).decode("ascii")
+        headers["Authorization"] = f"Basic {token}"
+    try:
+        answer = httpx.get(f"{api_url.rstrip('/')}/admin/version", headers=headers, timeout=10)
+    except httpx.HTTPError:
+        return None  # unreachable: the worker says so itself, and retries
+    if answer.status_code != 401:
+        return None
+    if not auth_string:
+        return (
+            f"the Prefect server at {api_url} requires authentication: set "
+            "PREFECT_API_AUTH_STRING (user:password, as PREFECT_SERVER_API_AUTH_STRING on the "
+            "server)"
+        )
+    return f"the Prefect server at {api_url} refused PREFECT_API_AUTH_STRING (401): check it"

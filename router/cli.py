@@ -618,11 +618,20 @@ def worker(
 
 
 def refuse_open_server(settings: Settings) -> None:
-    """Exit unless the Prefect server in use is protected (flows/server_check.py)."""
-    from flows.server_check import OpenServer, check_server_protected
+    """Exit unless the Prefect server in use is protected and takes our credentials."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL
 
+    from flows.server_check import OpenServer, check_credentials, check_server_protected
+
+    api_url = PREFECT_API_URL.value()
+    secret = PREFECT_API_AUTH_STRING.value()
+    auth = secret.get_secret_value() if hasattr(secret, "get_secret_value") else secret
+    refused = check_credentials(api_url, auth)
+    if refused:
+        err(refused)
+        raise typer.Exit(EXIT_BAD_INPUT)
     try:
-        note = check_server_protected(os.environ.get("PREFECT_API_URL"), settings)
+        note = check_server_protected(api_url, settings)
     except OpenServer as exc:
         err(f"refused: {exc}")
         raise typer.Exit(EXIT_BAD_INPUT) from None

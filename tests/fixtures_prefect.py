@@ -506,6 +506,8 @@ class PrefectServer:
     database_url: str
     service: Service = field(repr=False)
     _client: SyncPrefectClient | None = field(default=None, repr=False)
+    auth: str | None = None
+    """The API's basic authentication ("user:password"), given to clients, if any."""
 
     def env(self, home: Path | None = None, **extra: str) -> dict[str, str]:
         """Environment for a client, CLI or worker subprocess of this server.
@@ -515,11 +517,13 @@ class PrefectServer:
         """
         home = home or self.home.parent / "client-home"
         home.mkdir(parents=True, exist_ok=True)
+        auth = {"PREFECT_API_AUTH_STRING": self.auth} if self.auth else {}
         return _clean_env(
             {
                 "PREFECT_API_URL": self.api_url,
                 "PREFECT_HOME": str(home),
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                **auth,
                 **extra,
             }
         )
@@ -527,9 +531,12 @@ class PrefectServer:
     @contextlib.contextmanager
     def settings(self) -> Iterator[None]:
         """Point Prefect in *this* process at the server (nests inside prefect_test_harness)."""
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+        from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-        with temporary_settings({PREFECT_API_URL: self.api_url}):
+        updates: dict[Any, Any] = {PREFECT_API_URL: self.api_url}
+        if self.auth:
+            updates[PREFECT_API_AUTH_STRING] = self.auth
+        with temporary_settings(updates):
             yield
 
     @contextlib.contextmanager
@@ -762,7 +769,9 @@ class PrefectServer:
         return timeline
 
 
-def start_prefect_server(base: Path, database_url: str | None = None) -> PrefectServer:
+def start_prefect_server(
+    base: Path, database_url: str | None = None, auth: str | None = None
+) -> PrefectServer:
     """`prefect server start` on 127.0.0.1 and a free port; returns once /api/health answers.
 
     `database_url` None: SQLite in the server's PREFECT_HOME (fine for one run at a time).
@@ -781,12 +790,13 @@ def start_prefect_server(base: Path, database_url: str | None = None) -> Prefect
                 "PREFECT_HOME": str(home),
                 "PREFECT_API_DATABASE_CONNECTION_URL": database_url,
                 "PREFECT_API_URL": api_url,
+                **({"PREFECT_SERVER_API_AUTH_STRING": auth} if auth else {}),
             }
         )
         cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port"]
         start = time.monotonic()
         service = spawn("prefect server", [*cmd, str(port)], base / "server.log", env, cwd=base)
-        server = PrefectServer(api_url, port, home, database_url, service)
+        server = PrefectServer(api_url, port, home, database_url, service, auth=auth)
         try:
             _wait(server.healthy, service, _SERVER_START_TIMEOUT, "/api/health")
         except RuntimeError:
@@ -810,9 +820,9 @@ def prefect_servers(
     """
     started: list[PrefectServer] = []
 
-    def start(database_url: str | None = None) -> PrefectServer:
+    def start(database_url: str | None = None, auth: str | None = None) -> PrefectServer:
         try:
-            server = start_prefect_server(tmp_path_factory.mktemp("prefect"), database_url)
+            server = start_prefect_server(tmp_path_factory.mktemp("prefect"), database_url, auth)
         except RuntimeError as exc:
             pytest.fail(f"prefect server did not start: {exc}")
         started.append(server)
