@@ -63,7 +63,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 from pynetdicom.transport import AddressInformation, AssociationSocket
 
-from router import dimse
+from router import dimse, tlsconf
 from router.model import STORED_STATUSES, DicomFile, Endpoint, SendError, StoreResult, Timeouts
 
 # With this flag, `send_c_store(path)` sends the file's data set bytes as they are on disk
@@ -336,12 +336,7 @@ def _tls_args(endpoint: Endpoint) -> tuple[ssl.SSLContext, str] | None:
     if options is None:
         return None
     try:
-        context = ssl.create_default_context(cafile=options.ca_file)
-        if not options.verify:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        if options.cert_file:
-            context.load_cert_chain(options.cert_file, options.key_file)
+        context = tlsconf.client_context(options)
     except (OSError, ValueError) as exc:
         raise SendError(f"TLS set-up for {endpoint.key} failed: {exc}", transient=False) from exc
     context.sslsocket_class = _TlsSocket
@@ -462,27 +457,14 @@ def _status_text(status: int, comment: str | None) -> str:
     return f"{text}; peer says: {comment}" if comment else text
 
 
-_TLS_HINTS = {
-    "CERTIFICATE_REQUIRED": " (the peer requires a client certificate: set tls cert and key)",
-    "UNKNOWN_CA": " (the peer does not trust the CA of our certificate)",
-    "BAD_CERTIFICATE": " (the peer refused our certificate)",
-    "CERTIFICATE_EXPIRED": " (the peer says our certificate has expired)",
-    "WRONG_VERSION_NUMBER": " (is it a TLS port? the peer did not answer in TLS)",
-}
-"""OpenSSL reasons for a failed handshake, in the words of the destination's `tls` set-up."""
-
-
 def _connect_failure(
     endpoint: Endpoint, exc: OSError | None, timeouts: Timeouts
 ) -> tuple[str, bool]:
     """Why the TCP connection or the TLS handshake failed, and whether to retry."""
     where = f"{endpoint.host}:{endpoint.port}"
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS: the certificate of {where} is not trusted: {exc.verify_message}", False
-    if isinstance(exc, ssl.SSLError):
-        reason = str(exc.reason or exc)
-        hint = next((text for key, text in _TLS_HINTS.items() if key in reason), "")
-        return f"TLS handshake with {where} failed: {reason}{hint}", False
+    tls = tlsconf.failure(where, exc)
+    if tls is not None:
+        return tls, False
     if isinstance(exc, ConnectionRefusedError):
         return f"connection refused by {where}", True
     if isinstance(exc, ConnectionResetError):

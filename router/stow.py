@@ -41,6 +41,7 @@ from typing import Any
 
 import httpx
 
+from router import tlsconf
 from router.dicomweb import (
     Answer,
     BadAnswer,
@@ -146,15 +147,9 @@ class StowSender:
         if options is None:
             return True  # https: the system's CAs, verified
         try:
-            context = ssl.create_default_context(cafile=options.ca_file)
-            if not options.verify:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-            if options.cert_file:
-                context.load_cert_chain(options.cert_file, options.key_file)
+            return tlsconf.client_context(options)
         except (OSError, ValueError) as exc:
             raise SendError(f"TLS set-up for {self.url} failed: {exc}", transient=False) from exc
-        return context
 
     def _batches(self, files: Sequence[DicomFile]) -> Iterator[list[Part]]:
         """Consecutive runs of at most `max_files` files and `max_bytes` (one bigger file
@@ -262,6 +257,11 @@ class StowSender:
                 else f"request to {self.url} timed out: {type(exc).__name__}"
             ) from exc
         except (httpx.TransportError, OSError) as exc:
+            # TLS 1.3: a server refuses our certificate after the handshake, in an alert
+            # that arrives while the request goes out or its answer is awaited.
+            tls = tlsconf.failure(self._where(), _root(exc))
+            if tls is not None:
+                raise SendError(tls, transient=False) from exc
             if not started:
                 raise SendError(
                     f"cannot send to {self._where()}: {_why(exc)}", transient=True
@@ -273,15 +273,9 @@ class StowSender:
 
     def _connect_failure(self, exc: httpx.ConnectError) -> SendError:
         where, cause = self._where(), _root(exc)
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            return SendError(
-                f"TLS: the certificate of {where} is not trusted: {cause.verify_message}",
-                transient=False,
-            )
-        if isinstance(cause, ssl.SSLError):
-            return SendError(
-                f"TLS handshake with {where} failed: {cause.reason or cause}", transient=False
-            )
+        tls = tlsconf.failure(where, cause)
+        if tls is not None:
+            return SendError(tls, transient=False)
         if isinstance(cause, ConnectionRefusedError):
             return SendError(f"connection refused by {where}", transient=True)
         if isinstance(cause, socket.gaierror):
