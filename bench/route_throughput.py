@@ -154,6 +154,24 @@ def _terminated(signum: int, frame: Any) -> None:
     raise Terminated(signum)
 
 
+def guarded(run: Callable[[], dict[str, Any]]) -> dict[str, Any] | int:
+    """`run()` with Ctrl-C, SIGTERM and SIGHUP unwinding it, every child stopped at the end:
+    its result, or the exit code of an interruption (said on stderr)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with `&`
+    signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGHUP, _terminated)
+    try:
+        return run()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Terminated as exc:
+        print(f"stopped by {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    finally:
+        stop_all()
+
+
 # --- measuring one child --------------------------------------------------------------------
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import sys
 from dataclasses import asdict, dataclass
@@ -300,19 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         parser.error("dicomweb-client is not installed: pip install -e '.[bench]'")
     args.out = args.out.absolute()
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, rt._terminated)
-    signal.signal(signal.SIGHUP, rt._terminated)
-    try:
-        result = bench(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except rt.Terminated as exc:
-        print(f"stopped by {exc}", file=sys.stderr)
-        return 128 + exc.signum
-    finally:
-        rt.stop_all()
+    result = rt.guarded(lambda: bench(args))
+    if isinstance(result, int):
+        return result
     if args.json:
         print(json.dumps(result, indent=2))
     else:

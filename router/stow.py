@@ -51,7 +51,15 @@ from router.dicomweb import (
     parse_answer,
     reason_text,
 )
-from router.model import STORED_STATUSES, DicomFile, SendError, StoreResult, Timeouts, WebEndpoint
+from router.model import (
+    STORED_STATUSES,
+    DicomFile,
+    SendError,
+    StoreResult,
+    Timeouts,
+    TlsOptions,
+    WebEndpoint,
+)
 from router.webauth import Credentials
 
 log = logging.getLogger(__name__)
@@ -143,11 +151,11 @@ class StowSender:
         )
 
     def _tls(self) -> ssl.SSLContext | bool:
-        options = self.endpoint.tls
-        if options is None:
-            return True  # https: the system's CAs, verified
-        try:
-            return tlsconf.client_context(options)
+        if not self.url.lower().startswith("https://"):
+            # never used; httpx would otherwise load certifi's bundle (~0.1 s per client)
+            return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        try:  # without `tls`: the system's CAs, verified, as for DICOM TLS
+            return tlsconf.client_context(self.endpoint.tls or TlsOptions())
         except (OSError, ValueError) as exc:
             raise SendError(f"TLS set-up for {self.url} failed: {exc}", transient=False) from exc
 
