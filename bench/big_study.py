@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -194,19 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=rt.OUT, help="cache and logs (bench/out)")
     args = parser.parse_args(argv)
     args.out = args.out.absolute()
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, rt._terminated)
-    signal.signal(signal.SIGHUP, rt._terminated)
-    try:
-        result = big_study(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except rt.Terminated as exc:
-        print(f"stopped by {exc}", file=sys.stderr)
-        return 128 + exc.signum
-    finally:
-        rt.stop_all()
+    result = rt.guarded(lambda: big_study(args))
+    if isinstance(result, int):
+        return result
     if args.json:
         print(json.dumps(result, indent=2))
     else:

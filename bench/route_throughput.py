@@ -154,6 +154,24 @@ def _terminated(signum: int, frame: Any) -> None:
     raise Terminated(signum)
 
 
+def guarded(run: Callable[[], dict[str, Any]]) -> dict[str, Any] | int:
+    """`run()` with Ctrl-C, SIGTERM and SIGHUP unwinding it, every child stopped at the end:
+    its result, or the exit code of an interruption (said on stderr)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with `&`
+    signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGHUP, _terminated)
+    try:
+        return run()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Terminated as exc:
+        print(f"stopped by {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    finally:
+        stop_all()
+
+
 # --- measuring one child --------------------------------------------------------------------
 
 
@@ -394,6 +412,10 @@ class Receiver:
     port: int
     program: str
     reset: Callable[[], None]
+    http_url: str = ""
+    """Orthanc's REST root (its DICOMweb service root is this + /dicom-web)."""
+    count: Callable[[], int] = lambda: -1
+    """Instances it holds (Orthanc), or -1 when it cannot tell (storescp --ignore)."""
 
 
 @contextlib.contextmanager
@@ -445,11 +467,16 @@ ORTHANC_THREADS = 4
 """Orthanc's own default of DicomThreadsCount: associations it serves at once."""
 
 
+ORTHANC_DICOMWEB = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
 @contextlib.contextmanager
-def orthanc(max_pdu: int, logs: Path, out: Path) -> Iterator[Receiver]:
+def orthanc(max_pdu: int, logs: Path, out: Path, *, dicomweb: bool = False) -> Iterator[Receiver]:
     """Debian's Orthanc as a PACS that stores what it gets: its own index and storage in
     `out/orthanc/` (emptied first), emptied over REST before every run so each run stores
-    every instance anew (Orthanc keeps the first copy of a duplicate and discards it)."""
+    every instance anew (Orthanc keeps the first copy of a duplicate and discards it).
+    `dicomweb`: with Debian's DICOMweb plugin (orthanc-dicomweb), STOW-RS at
+    `http_url` + /dicom-web."""
     workdir = out / "orthanc"
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
@@ -458,7 +485,8 @@ def orthanc(max_pdu: int, logs: Path, out: Path) -> Iterator[Receiver]:
         "Name": "dicom-router-bench",
         "StorageDirectory": str(workdir / "storage"),
         "IndexDirectory": str(workdir / "storage"),
-        "Plugins": [],
+        "Plugins": [ORTHANC_DICOMWEB] if dicomweb else [],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False},
         "HttpPort": http_port,
         "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False,
@@ -492,7 +520,10 @@ def orthanc(max_pdu: int, logs: Path, out: Path) -> Iterator[Receiver]:
         proc = spawn(args, dcmtk_env(), fh, subprocess.STDOUT)  # its DICOM side is dcmtk
     try:
         _wait_for_port(proc, port, log, "Orthanc", 60)
-        yield Receiver(port, f"{ORTHANC} (storing, {ORTHANC_THREADS} DICOM threads)", reset)
+        if dicomweb:
+            _wait_for_port(proc, http_port, log, "Orthanc's HTTP server", 60)
+        program = f"{ORTHANC} (storing, {ORTHANC_THREADS} DICOM threads)"
+        yield Receiver(port, program, reset, url, lambda: len(call("GET", "/instances")))
     finally:
         stop_group(proc, timeout=15)
         shutil.rmtree(workdir, ignore_errors=True)

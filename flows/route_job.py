@@ -172,7 +172,8 @@ class FlowSteps:
         return scan_task(self.job.path, directory, scan_tags(self.config, directory))
 
     def select(self, rule: RuleSpec, entry: SendEntry, scan: Scan) -> Selection:
-        name = f"select {rule.index}.{entry.index} {entry.destination.AETitleTo}"
+        dest = entry.destination
+        name = f"select {rule.index}.{entry.index} {dest.AETitleTo or dest.URL}"
         return select_task.with_options(task_run_name=name)(
             scan.files, entry.destination.which, scan.unsendable
         )

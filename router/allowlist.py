@@ -24,7 +24,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from router.config import RoutingConfig
-from router.model import Endpoint
+from router.model import AnyEndpoint, Endpoint, WebEndpoint
 
 _DIMSE = re.compile(
     r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):(?P<port>[0-9]{1,5})(?:\s+(?P<aet>\S.*))?"
@@ -47,8 +47,13 @@ class AllowList:
     """(host in lower case, port, called AE title or None for any)."""
     urls: tuple[str, ...] = ()
 
-    def refusal(self, endpoint: Endpoint) -> str | None:
+    def refusal(self, endpoint: AnyEndpoint) -> str | None:
         """Why `endpoint` may not receive data, or None when it is listed."""
+        if isinstance(endpoint, WebEndpoint):
+            return self.url_refusal(endpoint.url)
+        return self._dimse_refusal(endpoint)
+
+    def _dimse_refusal(self, endpoint: Endpoint) -> str | None:
         host = endpoint.host.strip("[]").lower()
         for aet in (endpoint.called_aet, None):
             if (host, endpoint.port, aet) in self.dimse:
@@ -110,7 +115,7 @@ def load_allowlist(path: Path | str) -> AllowList:
     return AllowList(path, frozenset(dimse), tuple(urls))
 
 
-def refusal(allowlist: Path | None, endpoint: Endpoint) -> str | None:
+def refusal(allowlist: Path | None, endpoint: AnyEndpoint) -> str | None:
     """Why `endpoint` may not receive data under the `allowlist` setting (None: it may).
 
     Without the setting every destination may (as before the allow-list existed); with

@@ -283,9 +283,8 @@ def validate(
         for e in spec.entries:
             d = e.destination
             extra = (", break: 1" if d.break_ else "") + (f", which {d.which}" if d.which else "")
-            typer.echo(
-                f"    {e.pattern!r} → {d.AETitleTo}@{d.IP}:{d.PORT} as {d.AETitleSender}{extra}"
-            )
+            who = d.label if d.is_web else f"{d.label} as {d.AETitleSender}"
+            typer.echo(f"    {e.pattern!r} → {who}{extra}")
 
 
 @app.command()

@@ -14,19 +14,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
 
 from router import jsonc
-from router.model import Endpoint, TlsOptions
+from router.model import AnyEndpoint, Endpoint, TlsOptions, WebAuth, WebEndpoint
 
 ME = "$me"
 PORT = "$port"
@@ -134,12 +138,133 @@ def tag_label(tag: str) -> str:
     return f"({tag[:4]},{tag[4:]})" + (f" {keyword}" if keyword else "")
 
 
+def check_url(value: Any) -> str:
+    """A DICOMweb service root: http(s), a host, no credentials, query or `/studies`."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected the DICOMweb service root as an http(s) URL, got {value!r}")
+    text = value.strip()
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018  (raises on a bad port)
+    except ValueError as exc:
+        raise ValueError(f"URL {text!r} cannot be read: {exc}") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"URL {text!r} must be http:// or https:// with a host")
+    if any(c.isspace() for c in text):
+        raise ValueError(f"URL {text!r} contains white space")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(
+            "URL holds credentials: they would be shown wherever the destination is; "
+            "use auth (a secret from an environment variable or a file) instead"
+        )
+    if parts.query or parts.fragment:
+        raise ValueError(f"URL {text!r} must have no query (?) or fragment (#)")
+    root = text.rstrip("/")
+    if root.lower().endswith("/studies"):
+        raise ValueError(
+            f"URL {text!r} ends in /studies: give the service root, STOW-RS posts to URL/studies"
+        )
+    return root
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+_SECRETS = {"basic": "password", "bearer": "token", "oauth2": "client_secret"}
+"""Per kind of auth, the secret it needs, named `<secret>_env` or `<secret>_file`."""
+
+
+class Auth(BaseModel):
+    """Extension `auth` of a DICOMweb destination; secrets only by reference."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["none", "basic", "bearer", "oauth2"]
+    username: str | None = None
+    password_env: str | None = None
+    password_file: str | None = None
+    token_env: str | None = None
+    token_file: str | None = None
+    token_url: str | None = None
+    client_id: str | None = None
+    client_secret_env: str | None = None
+    client_secret_file: str | None = None
+    scope: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_secret_here(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            for key in ("password", "token", "client_secret", "secret", "access_token"):
+                if key in value:
+                    raise ValueError(
+                        f"{key}: a secret is never written in the rules (they are shown in the "
+                        f"UI and stored in Prefect): name an environment variable ({key}_env) "
+                        f"or a file ({key}_file) on the routing host"
+                        if key in _SECRETS.values()
+                        else f"{key}: a secret is never written in the rules: name an "
+                        "environment variable or a file (see README, DICOMweb destinations)"
+                    )
+        return value
+
+    @model_validator(mode="after")
+    def _what_its_type_needs(self) -> Auth:
+        problems = []
+        needed = {
+            "none": set(),
+            "basic": {"username"},
+            "bearer": set(),
+            "oauth2": {"token_url", "client_id"},
+        }[self.type]
+        secret = _SECRETS.get(self.type)
+        allowed = set(needed) | {"type"} | ({"scope"} if self.type == "oauth2" else set())
+        if secret:
+            allowed |= {f"{secret}_env", f"{secret}_file"}
+        given = {k for k, v in self.__dict__.items() if v is not None}
+        for key in sorted(given - allowed):
+            problems.append(f"{key} is not used by auth type {self.type!r}")
+        for key in sorted(needed - given):
+            problems.append(f"auth type {self.type!r} needs {key}")
+        if secret:
+            sources = [k for k in (f"{secret}_env", f"{secret}_file") if k in given]
+            if len(sources) != 1:
+                problems.append(
+                    f"auth type {self.type!r} needs its {secret.replace('_', ' ')} from exactly "
+                    f"one of {secret}_env (an environment variable) or {secret}_file (a file)"
+                )
+            env = getattr(self, f"{secret}_env")
+            if env is not None and not _ENV_NAME.fullmatch(env):
+                problems.append(f"{secret}_env {env!r} is not an environment variable name")
+        if self.token_url is not None:
+            try:
+                check_url(self.token_url)
+            except ValueError as exc:
+                problems.append(f"token_url: {str(exc).replace('URL', 'token_url', 1)}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def model(self) -> WebAuth | None:
+        if self.type == "none":
+            return None
+        secret = _SECRETS[self.type]
+        return WebAuth(
+            kind=self.type,
+            secret_env=getattr(self, f"{secret}_env"),
+            secret_file=getattr(self, f"{secret}_file"),
+            username=self.username,
+            token_url=self.token_url,
+            client_id=self.client_id,
+            scope=self.scope,
+        )
+
+
 Flag = Annotated[bool, BeforeValidator(parse_flag)]
 Regex = Annotated[str, BeforeValidator(check_regex)]
 AETitle = Annotated[str, BeforeValidator(check_aet)]
 Port = Annotated[int | str, BeforeValidator(check_port)]
 Host = Annotated[str, BeforeValidator(check_host)]
 Tag = Annotated[str, BeforeValidator(parse_tag)]
+Url = Annotated[str, BeforeValidator(check_url)]
 
 
 class Tls(BaseModel):
@@ -160,25 +285,121 @@ class Tls(BaseModel):
         return value
 
 
+_DIMSE_KEYS = ("IP", "PORT", "AETitleTo", "associations", "max_associations", "convert")
+"""Keys of a DIMSE destination only (AETitleSender is accepted by both, and unused by
+DICOMweb, so that a destination changes kind by replacing IP, PORT and AETitleTo)."""
+_WEB_KEYS = (
+    "URL",
+    "auth",
+    "requests",
+    "max_requests",
+    "instances_per_request",
+    "bytes_per_request",
+)
+"""Keys of a DICOMweb destination only."""
+
+
 class Destination(BaseModel):
-    """Where one send entry goes, and which files it takes."""
+    """Where one send entry goes, and which files it takes: a DIMSE node (IP, PORT,
+    AETitleTo) or a DICOMweb service (URL)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
-    IP: Host
-    PORT: Port
-    AETitleSender: AETitle
-    AETitleTo: AETitle
+    IP: Host | None = None
+    PORT: Port | None = None
+    AETitleSender: AETitle | None = None
+    AETitleTo: AETitle | None = None
+    URL: Url | None = None
+    """DICOMweb: the service root; STOW-RS posts to URL/studies."""
     break_: Flag = Field(False, alias="break")
     which: list[dict[Tag, Regex]] | None = None
-    max_associations: int | None = Field(None, ge=1, le=64)
-    """Extension: associations open at once to this destination over all jobs."""
-    associations: int | None = Field(None, ge=1, le=16)
-    """Extension: associations one job's files are spread over (default: the setting)."""
+    max_associations: int | None = Field(
+        None, ge=1, le=64, validation_alias=AliasChoices("max_associations", "max_requests")
+    )
+    """Extension: associations (DICOMweb: `max_requests`, requests) open at once to this
+    destination over all jobs: the size of its concurrency limit."""
+    associations: int | None = Field(
+        None, ge=1, le=16, validation_alias=AliasChoices("associations", "requests")
+    )
+    """Extension: associations (DICOMweb: `requests`) one job's files are spread over."""
     tls: Tls | None = None
-    """Extension: DICOM TLS."""
+    """Extension: DICOM TLS, or for DICOMweb, https's CA bundle and client certificate."""
     convert: Flag = True
     """Extension: decompress losslessly what the destination does not take as it is."""
+    auth: Auth | None = None
+    """Extension, DICOMweb: how to authenticate."""
+    instances_per_request: int | None = Field(None, ge=1, le=10000)
+    """Extension, DICOMweb: instances per STOW-RS request (default: the setting)."""
+    bytes_per_request: int | None = Field(None, ge=1 << 16)
+    """Extension, DICOMweb: bytes of files per STOW-RS request (default: the setting)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_kind(cls, value: Any) -> Any:
+        """A DIMSE destination or a DICOMweb one, with what its kind needs, never both:
+        each problem named by its key."""
+        if not isinstance(value, dict):
+            return value
+        problems: list[tuple[str, str]] = []
+        if "URL" in value:
+            for key in _DIMSE_KEYS:
+                if key in value:
+                    instead = {"associations": "requests", "max_associations": "max_requests"}
+                    hint = f" (its key is {instead[key]})" if key in instead else ""
+                    problems.append(
+                        (
+                            key,
+                            f"not a key of a DICOMweb destination (URL){hint}: one destination "
+                            "is one kind; use two send entries to send both ways",
+                        )
+                    )
+        else:
+            dimse = any(k in value for k in ("IP", "PORT", "AETitleTo"))
+            for key in _WEB_KEYS[1:]:
+                if key in value:
+                    why = (
+                        "and this one is DIMSE (IP, PORT, AETitleTo)"
+                        if dimse
+                        else "and this one has no URL (the DICOMweb service root)"
+                    )
+                    problems.append((key, f"a key of a DICOMweb destination only, {why}"))
+            for key in ("IP", "PORT", "AETitleSender", "AETitleTo"):
+                if key not in value:
+                    problems.append((key, ""))
+        if not problems:
+            return value
+        raise ValidationError.from_exception_data(
+            "Destination",
+            [
+                InitErrorDetails(
+                    type=PydanticCustomError("destination_kind", why) if why else "missing",
+                    loc=(key,),
+                    input=value,
+                )
+                for key, why in problems
+            ],
+        )
+
+    @model_validator(mode="after")
+    def _tls_over_https(self) -> Destination:
+        if (
+            self.URL is not None
+            and self.tls is not None
+            and not self.URL.lower().startswith("https://")
+        ):
+            raise ValueError(f"tls is for an https:// URL, and URL is {self.URL!r}")
+        return self
+
+    @property
+    def is_web(self) -> bool:
+        return self.URL is not None
+
+    @property
+    def label(self) -> str:
+        """How the destination is named before `$me`/`$port` are resolved."""
+        if self.URL is not None:
+            return f"STOW-RS {self.URL}"
+        return f"{self.AETitleTo}@{self.IP}:{self.PORT}"
 
     @field_validator("which", mode="before")
     @classmethod
@@ -216,15 +437,30 @@ class Destination(BaseModel):
                     raise ValueError(f"which[{i}] is empty: name at least one tag")
         return value
 
-    def endpoint(self, me: str, port: int, associations: int = 1) -> Endpoint:
-        """Replace `$me`/`$port` (only as a field's whole value) with this box's address."""
+    def endpoint(self, me: str, port: int, associations: int = 1) -> AnyEndpoint:
+        """Replace `$me`/`$port` (only as a field's whole value) with this box's address.
+
+        `associations`: the default of how many associations (DICOMweb: requests) one
+        job's files are spread over."""
         tls = self.tls
+        options = TlsOptions(tls.ca, tls.cert, tls.key, tls.verify) if tls else None
+        if self.URL is not None:
+            return WebEndpoint(
+                url=self.URL,
+                auth=self.auth.model() if self.auth else None,
+                tls=options,
+                associations=self.associations or associations,
+                instances_per_request=self.instances_per_request,
+                bytes_per_request=self.bytes_per_request,
+            )
+        assert self.IP is not None and self.PORT is not None  # checked by _one_kind
+        assert self.AETitleTo is not None and self.AETitleSender is not None
         return Endpoint(
             host=me if self.IP == ME else self.IP,
             port=port if self.PORT == PORT else int(self.PORT),
             called_aet=self.AETitleTo,
             calling_aet=self.AETitleSender,
-            tls=TlsOptions(tls.ca, tls.cert, tls.key, tls.verify) if tls else None,
+            tls=options,
             associations=self.associations or associations,
             convert=self.convert,
         )
@@ -321,7 +557,8 @@ def _describe_loc(loc: tuple[Any, ...]) -> str:
     Model fields are shown as `.field`, dict keys (patterns, tags) as `["key"]`, and a
     problem with the key itself ends in ` (key)`.
     """
-    fields = set(Rule.model_fields) | set(Destination.model_fields) | {"break"}
+    fields = set(Rule.model_fields) | set(Destination.model_fields) | set(Auth.model_fields)
+    fields |= {"break", "requests", "max_requests"}
     text = ""
     previous: Any = None
     for item in loc:

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import Literal
+from urllib.parse import urlsplit
 
 # C-STORE statuses that count as stored (SPEC section 4).
 STORED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
@@ -79,8 +81,74 @@ class Endpoint:
 
 
 @dataclass(frozen=True)
+class WebAuth:
+    """How to authenticate to a DICOMweb service: where its secret is, never the secret.
+
+    The secret (a password, a token, an OAuth2 client secret) is read from the environment
+    variable `secret_env` or the file `secret_file` when a request needs it, so that no
+    endpoint, task parameter, record or report ever holds it.
+    """
+
+    kind: Literal["basic", "bearer", "oauth2"]
+    secret_env: str | None = None
+    secret_file: str | None = None
+    username: str | None = None
+    """HTTP basic: the user name."""
+    token_url: str | None = None
+    """OAuth2 client credentials: where the access token is fetched."""
+    client_id: str | None = None
+    scope: str | None = None
+
+    @property
+    def secret_source(self) -> str:
+        """Where the secret comes from, in words for messages (never its value)."""
+        if self.secret_env:
+            return f"environment variable {self.secret_env}"
+        return f"file {self.secret_file}"
+
+
+@dataclass(frozen=True)
+class WebEndpoint:
+    """A DICOMweb destination: STOW-RS posts to `url` + `/studies`."""
+
+    url: str
+    """The service root, without a trailing slash (e.g. http://pacs:8042/dicom-web)."""
+    auth: WebAuth | None = None
+    tls: TlsOptions | None = None
+    associations: int = 1
+    """Requests in parallel for one job's files (the name is the DIMSE one, so that
+    concurrency limits and the flow treat both kinds alike)."""
+    instances_per_request: int | None = None
+    """At most this many instances in one request; None: the setting."""
+    bytes_per_request: int | None = None
+    """At most this many bytes of files in one request (a bigger file goes alone)."""
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (443 if parts.scheme == "https" else 80)
+
+    @property
+    def key(self) -> str:
+        """Stable identity of a destination in the record and the concurrency limits."""
+        return self.url
+
+    def __str__(self) -> str:
+        return f"STOW-RS {self.url}"
+
+
+AnyEndpoint = Endpoint | WebEndpoint
+"""Either kind of destination, `$me`/`$port` resolved."""
+
+
+@dataclass(frozen=True)
 class Timeouts:
-    """Network time-outs in seconds; `None` waits forever (never the default)."""
+    """Network time-outs in seconds (`None` waits forever, never the default), and the
+    other settings of how files are sent."""
 
     connect: float = 10.0
     acse: float = 30.0
@@ -88,6 +156,10 @@ class Timeouts:
     network: float = 60.0
     max_pdu: int = 0
     """Largest PDU we accept; 0 for no limit (it only bounds what the peer sends us)."""
+    instances_per_request: int = 50
+    """STOW-RS: instances in one request, unless the destination says otherwise."""
+    bytes_per_request: int = 64 << 20
+    """STOW-RS: bytes of files in one request (a bigger file goes alone)."""
 
 
 @dataclass(frozen=True)

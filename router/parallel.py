@@ -1,30 +1,37 @@
-"""One job's files over several associations at once: one sending process per association.
+"""One job's files over several lanes at once: associations in processes, requests in threads.
 
 Why several: a PACS that stores what it gets (Orthanc, most archives) serves each
-association at its own pace, and takes more per second over several at once; into Orthanc
-1,500 CT images went at 0.85-1.1x storescu's rate over one association and 1.2-1.9x over
-four (bench/README.md). Why processes: sending from Python costs ~0.5 ms of CPU per 0.5 MB
-image (`router.dimse`), and threads in one process share the GIL: two or four threads gave
-no gain where two or four processes did (PERF-NOTES).
+association or request at its own pace, and takes more per second over several at once;
+into Orthanc 1,500 CT images went at 0.85-1.1x storescu's rate over one association and
+1.2-1.9x over four (bench/README.md).
 
-Each sender runs the single-association sender (`router.send._Sender`) on a consecutive
-share of the files and streams every answer back to this process, where `on_result` is
-called, one answer at a time, in the calling thread: the caller keeps writing the record.
-A file that makes the destination abort is isolated within its share, as with one
-association (a new association for the rest of the share, the file alone at its end).
-A sender waits for that to be done before it sends its next file, so a kill of the router
-loses at most the instance in flight on each association, as with one association.
+The files are split into consecutive shares, one per lane, and each lane runs a link of
+`router.transport` (built by the factory it is given) on its share, reporting every answer
+back to the caller's thread, where `on_result` is called, one answer at a time: the caller
+keeps writing the record. A lane waits for that before it sends on, so a kill of the
+router loses at most what is in flight on each lane, as with one. What a link does with a
+file that makes the destination abort is its own affair, within its share.
 
-A peer may take fewer associations at once than asked (dcmtk's storescp serves one at a
-time unless started with --fork; PACS often cap them per AE title). A run whose association
-is rejected, or kept waiting past the ACSE time-out, for a transient reason goes to a sender
-that has finished its own run instead of failing the job.
+Two kinds of lane:
+
+- **Processes** (`in_processes`, for C-STORE): sending from Python costs ~0.5 ms of CPU per
+  0.5 MB image (`router.dimse`), and threads in one process share the GIL: two or four
+  threads gave no gain where two or four processes did (PERF-NOTES).
+- **Threads** (`in_threads`, for STOW-RS): an HTTP request body is the files' bytes read
+  and written in large chunks, with the GIL released for both; the work is the peer's.
+
+Processes, in detail. A peer may take fewer associations at once than asked (dcmtk's
+storescp serves one at a time unless started with --fork; PACS often cap them per AE
+title). A share whose association is rejected, or kept waiting past the ACSE time-out, for
+a transient reason goes to a sender that has finished its own share instead of failing
+the job.
 
 How they start: sender 1 is a plain `python -c` started through `subprocess` (fork + exec:
-safe in a router that runs threads, as under Prefect). Once it has imported the router, and
-before it starts any thread, it forks senders 2..N: importing pydicom and pynetdicom costs
-~0.5 s of CPU per process, paid once instead of N times on a two-core box. Each talks to
-this process over its own socket pair with `multiprocessing.connection`'s messages.
+safe in a router that runs threads, as under Prefect). Once it has imported the link's
+module, and before it starts any thread, it forks senders 2..N: importing pydicom and
+pynetdicom costs ~0.5 s of CPU per process, paid once instead of N times on a two-core box.
+Each talks to this process over its own socket pair with `multiprocessing.connection`'s
+messages; the link factory travels pickled (a class and its arguments, by reference).
 `multiprocessing` itself is not used: its 'spawn' and 'forkserver' re-import the parent's
 `__main__` in every child (under a Prefect process worker that is `prefect.engine`, ~1.5 s
 of CPU each) and leave helper processes behind; its 'fork' forks this threaded process.
@@ -38,21 +45,36 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import logging
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, Protocol
 
-from router.model import DicomFile, Endpoint, SendError, StoreResult, Timeouts
+from router.model import AnyEndpoint, DicomFile, SendError, StoreResult, WebEndpoint
+
+OnResult = Callable[[StoreResult], None]
+
+
+class Link(Protocol):
+    """One run of files to one destination (`router.transport` states the contract)."""
+
+    def run(self, files: Sequence[DicomFile]) -> None: ...
+
+
+LinkFactory = Callable[..., Link]
+"""`factory(on_result, label=...)` builds a link whose answers carry ids `label` + n."""
 
 log = logging.getLogger(__name__)
 
@@ -93,29 +115,147 @@ if os.getppid() != int(sys.argv[2]):
     sys.exit(1)  # the router died before the line above
 from multiprocessing.connection import Connection
 conns = [Connection(int(fd)) for fd in sys.argv[3:]]
-sys.path[:] = conns[0].recv()
+sys.path[:], preload = conns[0].recv()
 from router.parallel import first_sender
-first_sender(conns)
+first_sender(conns, preload)
 """
 """Sender 1's program up to the router import: die with the router first."""
 
+MIN_WEB_SHARE_FILES = 100
+"""Files a further STOW-RS request lane must get to be worth starting: two requests' worth
+at the default of 50 instances each (a lane is a thread: cheap, but it holds a slot)."""
 
-def associations_for(endpoint: Endpoint, files: Sequence[DicomFile]) -> int:
-    """How many associations `files` get: `endpoint.associations` when the job is big enough.
+MIN_WEB_SHARE_BYTES = 128 << 20
+"""Bytes a further STOW-RS request lane must get to be worth starting (big files)."""
 
-    Each association must get at least `MIN_SHARE_FILES` files or `MIN_SHARE_BYTES`.
+
+def associations_for(endpoint: AnyEndpoint, files: Sequence[DicomFile]) -> int:
+    """How many lanes `files` get: `endpoint.associations` when the job is big enough.
+
+    Each association must get at least `MIN_SHARE_FILES` files or `MIN_SHARE_BYTES`; each
+    STOW-RS request lane `MIN_WEB_SHARE_FILES` or `MIN_WEB_SHARE_BYTES`.
     """
     wanted = min(endpoint.associations, len(files))
     if wanted <= 1:
         return 1
-    by_count = len(files) // MIN_SHARE_FILES
+    web = isinstance(endpoint, WebEndpoint)
+    min_files = MIN_WEB_SHARE_FILES if web else MIN_SHARE_FILES
+    min_bytes = MIN_WEB_SHARE_BYTES if web else MIN_SHARE_BYTES
+    by_count = len(files) // min_files
     if by_count >= wanted:
         return wanted
     total = 0
     for f in files:
         with contextlib.suppress(OSError):  # the sender reports it
             total += os.stat(f.path).st_size
-    return max(1, min(wanted, max(by_count, total // MIN_SHARE_BYTES)))
+    return max(1, min(wanted, max(by_count, total // min_bytes)))
+
+
+def _split(files: Sequence[DicomFile], count: int) -> list[Sequence[DicomFile]]:
+    """`count` consecutive runs of `files`, as equal as can be."""
+    size, extra = divmod(len(files), count)
+    bounds = [i * size + min(i, extra) for i in range(count + 1)]
+    return [files[bounds[i] : bounds[i + 1]] for i in range(count)]
+
+
+def _joined(errors: Sequence[SendError]) -> SendError:
+    """One SendError for several lanes: reasons joined, transient only if all were."""
+    reasons = list(dict.fromkeys(exc.reason for exc in errors))
+    transient = all(exc.transient for exc in errors)
+    return SendError("; ".join(reasons), transient=transient)
+
+
+# -- threads -------------------------------------------------------------------------------------
+
+_DRAIN_GRACE = 5.0
+"""Seconds the lanes get to end once the caller stopped taking answers (an error, Ctrl-C)."""
+
+
+class _Stopped(Exception):
+    """Raised in a lane whose answers the caller no longer takes."""
+
+
+def in_threads(
+    factory: LinkFactory,
+    key: str,
+    files: Sequence[DicomFile],
+    on_result: OnResult,
+    count: int,
+) -> None:
+    """Send `files` in `count` consecutive shares, one link in a thread of its own each.
+
+    Each share goes on to its end whatever happens to the others; once all have ended, the
+    SendError of those that failed is raised (reasons joined; transient only if all were),
+    or the first unexpected error. If `on_result` raises, the lanes are stopped at their
+    next answer and the error goes on.
+    """
+    answers: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+    stopping = threading.Event()
+
+    def lane(number: int, share: Sequence[DicomFile]) -> None:
+        def report(result: StoreResult) -> None:
+            if stopping.is_set():
+                raise _Stopped
+            recorded = threading.Event()
+            answers.put(("result", result, recorded))
+            recorded.wait()  # the caller has recorded it: send on
+            if stopping.is_set():
+                raise _Stopped
+
+        error: BaseException | None = None
+        try:
+            factory(report, label=f"{number}.").run(share)
+        except _Stopped:
+            pass
+        except BaseException as exc:
+            error = exc
+        answers.put(("done", number, error))
+
+    threads = [
+        threading.Thread(
+            target=lane, args=(n, share), name=f"dicom-router-lane-{key}-{n}", daemon=True
+        )
+        for n, share in enumerate(_split(files, count), start=1)
+    ]
+    for thread in threads:
+        thread.start()
+    errors: dict[int, BaseException] = {}
+    live = len(threads)
+    try:
+        while live:
+            message = answers.get()
+            if message[0] == "result":
+                try:
+                    on_result(message[1])
+                finally:
+                    message[2].set()
+            else:
+                live -= 1
+                if message[2] is not None:
+                    errors[message[1]] = message[2]
+    finally:
+        if live:  # the caller stopped taking answers: let the lanes end
+            stopping.set()
+            deadline = time.monotonic() + _DRAIN_GRACE
+            while live and time.monotonic() < deadline:
+                with contextlib.suppress(queue.Empty):
+                    message = answers.get(timeout=max(0.01, deadline - time.monotonic()))
+                    if message[0] == "result":
+                        message[2].set()
+                    else:
+                        live -= 1
+            if live:
+                log.warning(
+                    "%s: %d request lane(s) still running after %g s", key, live, _DRAIN_GRACE
+                )
+    for exc in errors.values():
+        if not isinstance(exc, SendError):
+            raise exc
+    if errors:
+        raise _joined([errors[n] for n in sorted(errors)])  # type: ignore[misc]
+
+
+# -- processes -----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -160,17 +300,18 @@ class _Proc:
             self.conn.send(None)
 
 
-def send_parallel(
-    endpoint: Endpoint,
+def in_processes(
+    factory: LinkFactory,
+    key: str,
     files: Sequence[DicomFile],
-    timeouts: Timeouts,
-    on_result: Callable[[StoreResult], None],
+    on_result: OnResult,
     count: int,
 ) -> None:
-    """`router.send.send_files` over `count` associations, one process each (see module).
+    """Send `files` in `count` consecutive shares, one link in a process of its own each.
 
-    Files are split into `count` consecutive runs, each sent in order over an association
-    of its own. Each run goes on to its end whatever happens to the others. A run whose
+    `factory` must pickle (a class or function of a module, and picklable arguments): each
+    sender builds its link from it. Each share goes on to its end whatever happens to the
+    others. A run whose
     association cannot be made for a transient reason (a peer that takes fewer associations
     at once: rejected, or kept waiting past the ACSE time-out, as dcmtk's storescp does
     without --fork) waits for a sender that has finished its own run. Once all senders
@@ -178,9 +319,7 @@ def send_parallel(
     were), or RuntimeError for an unexpected error in a sender. A sender that dies without
     a word (killed, out of memory) is a transient SendError; what it reported stays.
     """
-    size, extra = divmod(len(files), count)
-    bounds = [i * size + min(i, extra) for i in range(count + 1)]
-    shares = [_Share(i + 1, files[bounds[i] : bounds[i + 1]]) for i in range(count)]
+    shares = [_Share(i + 1, share) for i, share in enumerate(_split(files, count))]
     pairs = [socket.socketpair() for _ in range(count)]
     try:
         theirs = [b.fileno() for _, b in pairs]
@@ -199,20 +338,21 @@ def send_parallel(
     finished = False
     try:
         levels = {name: logging.getLogger(name).getEffectiveLevel() for name in _LOGGERS}
+        preload = getattr(factory, "func", factory).__module__
         with contextlib.suppress(OSError):  # it died at start: reported once all end
-            procs[0].conn.send(list(sys.path))
+            procs[0].conn.send((list(sys.path), preload))
         for proc, share in zip(procs, shares, strict=True):
             with contextlib.suppress(OSError):
-                proc.conn.send((endpoint, timeouts, levels, proc.number))
+                proc.conn.send((factory, levels, proc.number))
             proc.give(share, [_wire(f) for f in share.files])
-        _serve(endpoint, procs, shares, on_result)
+        _serve(key, procs, shares, on_result)
         finished = True
     finally:
         for proc in procs:
             proc.conn.close()
         _stop(first, grace=_STOP_GRACE if finished else 0.0)
     procs[0].exit_code = first.returncode
-    _raise_errors(endpoint, shares, first.returncode)
+    _raise_errors(key, shares, first.returncode)
 
 
 def _wire(f: DicomFile) -> tuple[str, str, str, str, str]:
@@ -221,10 +361,10 @@ def _wire(f: DicomFile) -> tuple[str, str, str, str, str]:
 
 
 def _serve(
-    endpoint: Endpoint,
+    key: str,
     procs: list[_Proc],
     shares: list[_Share],
-    on_result: Callable[[StoreResult], None],
+    on_result: OnResult,
 ) -> None:
     """Hand the senders' answers to `on_result` (acknowledged), their logs to ours, and runs
     that could not start to senders done with theirs; until every sender has ended."""
@@ -260,7 +400,7 @@ def _serve(
                     # fewer at once. Another sender sends it after its own run.
                     log.warning(
                         "%s: association %d of %d not made (%s); its %d file(s) wait for another",
-                        endpoint.key,
+                        key,
                         proc.number,
                         len(procs),
                         error[1],
@@ -299,7 +439,7 @@ def _stop(first: subprocess.Popen[bytes], grace: float) -> None:
         first.wait()
 
 
-def _raise_errors(endpoint: Endpoint, shares: list[_Share], first_exit: int | None) -> None:
+def _raise_errors(key: str, shares: list[_Share], first_exit: int | None) -> None:
     """Raise what the runs ended with; `first_exit`: sender 1's, which the others die with."""
     send_errors: list[SendError] = []
     for share in shares:
@@ -321,12 +461,10 @@ def _raise_errors(endpoint: Endpoint, shares: list[_Share], first_exit: int | No
                 else f"exit code {code}"
             )
             number = share.number if proc is None else proc.number
-            text = f"sending process {number} for {endpoint.key} ended unexpectedly ({how})"
+            text = f"sending process {number} for {key} ended unexpectedly ({how})"
             send_errors.append(SendError(text, transient=True))
     if send_errors:
-        reasons = list(dict.fromkeys(exc.reason for exc in send_errors))
-        transient = all(exc.transient for exc in send_errors)
-        raise SendError("; ".join(reasons), transient=transient) from send_errors[0]
+        raise _joined(send_errors) from send_errors[0]
 
 
 # -- in the senders ----------------------------------------------------------------------------
@@ -342,9 +480,12 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def first_sender(conns: list[Connection]) -> None:
-    """Sender 1: fork senders 2..N while single-threaded, send share 1, reap, report exits."""
-    import router.send  # noqa: F401  (the heavy import, once for all senders)
+def first_sender(conns: list[Connection], preload: str) -> None:
+    """Sender 1: fork senders 2..N while single-threaded, send share 1, reap, report exits.
+
+    `preload`: the link's module, the heavy import, done once for all senders.
+    """
+    importlib.import_module(preload)
 
     me = os.getpid()
     forked: dict[int, int] = {}
@@ -399,11 +540,9 @@ class _ToRouter(logging.Handler):
 
 
 def sender(conn: Connection, *, close: bool = True) -> None:
-    """Send the runs the router gives, each over one association, reporting each answer."""
-    from router.send import _Sender
-
+    """Send the shares the router gives, each with a link of its own, reporting each answer."""
     try:
-        endpoint, timeouts, levels, number = conn.recv()
+        factory, levels, number = conn.recv()
     except (EOFError, OSError):
         os._exit(1)  # the router is gone
     lock = threading.Lock()
@@ -437,7 +576,7 @@ def sender(conn: Connection, *, close: bool = True) -> None:
 
         error: tuple[str, str, bool] | None = None
         try:
-            _Sender(endpoint, timeouts, report, label=f"{share}.").run(files)
+            factory(report, label=f"{share}.").run(files)
         except SendError as exc:
             error = ("send", exc.reason, exc.transient)
         except (EOFError, BrokenPipeError, ConnectionResetError):

@@ -34,7 +34,14 @@ from router.job import (
     load_job,
 )
 from router.lock import JobLocked, job_lock
-from router.model import DicomFile, Endpoint, SendError, StopRun, StoreResult, status_is_transient
+from router.model import (
+    AnyEndpoint,
+    DicomFile,
+    SendError,
+    StopRun,
+    StoreResult,
+    status_is_transient,
+)
 from router.record import (
     Record,
     RecordWriteError,
@@ -47,8 +54,8 @@ from router.record import (
 from router.report import Delivery, EntryOutcome, JobReport, RuleOutcome
 from router.rules import RuleMatch, fullmatch, match_rules
 from router.select import Scan, Selection, Unsendable, read_header, scan, select
-from router.send import send_files
 from router.settings import Settings
+from router.transport import send_files
 
 Progress = Callable[[str, int, int], None]
 """(destination, files answered so far, files to send) after each answer."""
@@ -78,7 +85,7 @@ class Steps(Protocol):
     job: Job
     settings: Settings
 
-    def endpoint(self, entry: SendEntry) -> Endpoint: ...
+    def endpoint(self, entry: SendEntry) -> AnyEndpoint: ...
     def error_report(self) -> DicomFile | None: ...
     def scan(self, directory: str) -> Scan: ...
     def select(self, rule: RuleSpec, entry: SendEntry, scan: Scan) -> Selection: ...
@@ -86,7 +93,7 @@ class Steps(Protocol):
         self,
         rule: RuleSpec,
         entry: SendEntry,
-        endpoint: Endpoint,
+        endpoint: AnyEndpoint,
         files: Sequence[DicomFile],
         unsendable: Sequence[Unsendable] = (),
     ) -> Delivery: ...
@@ -138,7 +145,7 @@ class Attempt:
 
 
 def missing(
-    record: Record, endpoint: Endpoint, files: Sequence[DicomFile], force: bool
+    record: Record, endpoint: AnyEndpoint, files: Sequence[DicomFile], force: bool
 ) -> list[DicomFile]:
     """What still has to go: all but what the record shows stored (by this run, if forced)."""
     done = record.stored_at(endpoint.key, this_run_only=force)
@@ -146,7 +153,7 @@ def missing(
 
 
 def to_send(
-    record: Record, endpoint: Endpoint, files: Sequence[DicomFile], force: bool
+    record: Record, endpoint: AnyEndpoint, files: Sequence[DicomFile], force: bool
 ) -> list[DicomFile]:
     """What an attempt sends: what is missing, less what failed for good in this run."""
     given_up = record.failed_for_good(endpoint.key)
@@ -181,7 +188,7 @@ def judged(record: Record, dest: str, result: StoreResult, send: int) -> StoreRe
 
 def attempt_once(
     record: Record,
-    endpoint: Endpoint,
+    endpoint: AnyEndpoint,
     files: Sequence[DicomFile],
     settings: Settings,
     attempt: int,
@@ -224,7 +231,7 @@ def attempt_once(
 
 def summarize(
     record: Record,
-    endpoint: Endpoint,
+    endpoint: AnyEndpoint,
     files: Sequence[DicomFile],
     done_before: set[str],
     attempts: int,
@@ -304,21 +311,23 @@ def summarize(
 
 
 def already_there(
-    record: Record, endpoint: Endpoint, files: Sequence[DicomFile], force: bool
+    record: Record, endpoint: AnyEndpoint, files: Sequence[DicomFile], force: bool
 ) -> set[str]:
     """The selected instances that count as delivered before an entry sends anything."""
     done = record.stored_at(endpoint.key, this_run_only=force)
     return {f.sop_instance_uid for f in files} & done
 
 
-def note_unsendable(record: Record, endpoint: Endpoint, unsendable: Sequence[Unsendable]) -> None:
+def note_unsendable(
+    record: Record, endpoint: AnyEndpoint, unsendable: Sequence[Unsendable]
+) -> None:
     for u in unsendable:
         record.not_sent(endpoint.key, u.relpath, u.reason, u.sop_instance_uid)
 
 
 def deliver_with_retries(
     record: Record,
-    endpoint: Endpoint,
+    endpoint: AnyEndpoint,
     files: Sequence[DicomFile],
     settings: Settings,
     force: bool,
@@ -411,7 +420,7 @@ def route_rules(matches: Sequence[RuleMatch], steps: Steps) -> Routing:
             result = EntryOutcome(
                 index=entry.index,
                 pattern=entry.pattern,
-                destination=f"{dest.AETitleTo}@{dest.IP}:{dest.PORT}",
+                destination=dest.label,
                 break_=dest.break_,
                 state="failed",
                 reason=broken,
@@ -517,7 +526,7 @@ class LocalSteps:
     force: bool = False
     progress: Progress | None = None
 
-    def endpoint(self, entry: SendEntry) -> Endpoint:
+    def endpoint(self, entry: SendEntry) -> AnyEndpoint:
         return entry.destination.endpoint(
             self.settings.me, self.settings.port, self.settings.associations
         )
@@ -537,7 +546,7 @@ class LocalSteps:
         self,
         rule: RuleSpec,
         entry: SendEntry,
-        endpoint: Endpoint,
+        endpoint: AnyEndpoint,
         files: Sequence[DicomFile],
         unsendable: Sequence[Unsendable] = (),
     ) -> Delivery:

@@ -1,11 +1,11 @@
-"""Send DICOM files to one destination with C-STORE, streamed from disk.
+"""C-STORE: one of the two ways a file leaves the box (`router.transport`), streamed from disk.
 
 The caller (the routing step) keeps the crash-safe record: this module reports every
 answered file through `on_result` the moment its answer is known and raises `SendError`
 when the destination cannot be reached or keeps breaking associations. Files it never
 attempted are not reported, so the caller retries exactly what is missing. One file that
 makes the destination abort (or reset, or never answer) costs a new association for the
-files after it and one to try it again alone, not the whole destination (`_Sender`).
+files after it and one to try it again alone, not the whole destination (`CStoreSender`).
 
 pynetdicom as shipped sends ~50 images/s over loopback. This module uses pynetdicom for
 what it does well (negotiating, releasing and aborting associations, TLS, sending the
@@ -63,7 +63,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 from pynetdicom.transport import AddressInformation, AssociationSocket
 
-from router import dimse
+from router import dimse, tlsconf
 from router.model import STORED_STATUSES, DicomFile, Endpoint, SendError, StoreResult, Timeouts
 
 # With this flag, `send_c_store(path)` sends the file's data set bytes as they are on disk
@@ -336,12 +336,7 @@ def _tls_args(endpoint: Endpoint) -> tuple[ssl.SSLContext, str] | None:
     if options is None:
         return None
     try:
-        context = ssl.create_default_context(cafile=options.ca_file)
-        if not options.verify:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        if options.cert_file:
-            context.load_cert_chain(options.cert_file, options.key_file)
+        context = tlsconf.client_context(options)
     except (OSError, ValueError) as exc:
         raise SendError(f"TLS set-up for {endpoint.key} failed: {exc}", transient=False) from exc
     context.sslsocket_class = _TlsSocket
@@ -462,27 +457,14 @@ def _status_text(status: int, comment: str | None) -> str:
     return f"{text}; peer says: {comment}" if comment else text
 
 
-_TLS_HINTS = {
-    "CERTIFICATE_REQUIRED": " (the peer requires a client certificate: set tls cert and key)",
-    "UNKNOWN_CA": " (the peer does not trust the CA of our certificate)",
-    "BAD_CERTIFICATE": " (the peer refused our certificate)",
-    "CERTIFICATE_EXPIRED": " (the peer says our certificate has expired)",
-    "WRONG_VERSION_NUMBER": " (is it a TLS port? the peer did not answer in TLS)",
-}
-"""OpenSSL reasons for a failed handshake, in the words of the destination's `tls` set-up."""
-
-
 def _connect_failure(
     endpoint: Endpoint, exc: OSError | None, timeouts: Timeouts
 ) -> tuple[str, bool]:
     """Why the TCP connection or the TLS handshake failed, and whether to retry."""
     where = f"{endpoint.host}:{endpoint.port}"
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS: the certificate of {where} is not trusted: {exc.verify_message}", False
-    if isinstance(exc, ssl.SSLError):
-        reason = str(exc.reason or exc)
-        hint = next((text for key, text in _TLS_HINTS.items() if key in reason), "")
-        return f"TLS handshake with {where} failed: {reason}{hint}", False
+    tls = tlsconf.failure(where, exc)
+    if tls is not None:
+        return tls, False
     if isinstance(exc, ConnectionRefusedError):
         return f"connection refused by {where}", True
     if isinstance(exc, ConnectionResetError):
@@ -583,8 +565,8 @@ on, and a destination that aborts on everything (or fell over) is given up when 
 fails too: fast (3 associations), and as a transient failure, its files left for a retry."""
 
 
-class _Sender:
-    """One `send_files` call: its destination, settings and result callback.
+class CStoreSender:
+    """A run of files over associations to one destination: a link of `router.transport`.
 
     An association that ends abnormally with a file in flight does not end the run: that
     file is put aside (reported as unanswered), the files after it go on at once over a
@@ -680,6 +662,23 @@ class _Sender:
         return SendError(text or f"association with {ep.key} failed", transient=True)
 
     def run(self, files: Sequence[DicomFile]) -> None:
+        """Store `files`, reporting each answered file through `on_result` (`router.transport`).
+
+        One presentation context per (SOP class, transfer syntax) pair, so the peer accepts the
+        file's own syntax or nothing and the file can be streamed unchanged; one association per
+        128 pairs, files in their given order. A refusal status is reported and sending goes
+        on. A file the peer has no context for is converted over a second association when
+        `endpoint.convert` (decoded, in an uncompressed syntax); one that still can't go, or
+        that cannot be read, is reported with status None and sending goes on (permanent for
+        that file). An association that ends abnormally (abort, reset, DIMSE time-out, a
+        wrong answer) reports the file in flight as unanswered (status None) and the files
+        after it go on over a new association; the file is sent again alone at the end and,
+        if that association ends too, reported again as failed for good (`permanent`). An
+        association that cannot be made, more than `NO_PROGRESS` associations in a row that
+        end before any answer, or `MAX_BROKEN` that end abnormally raise `SendError`
+        (transient); files not attempted are not reported. If the peer accepted none of the
+        contexts, every file is reported and a permanent `SendError` is raised at the end.
+        """
         pairs = list(dict.fromkeys((f.sop_class_uid, f.transfer_syntax_uid) for f in files))
         group_of = {pair: i // MAX_CONTEXTS for i, pair in enumerate(pairs)}
         members: list[list[DicomFile]] = [[] for _ in range(0, len(pairs), MAX_CONTEXTS)]
@@ -1026,49 +1025,9 @@ def _twice(first: _Broken, again: _Broken) -> str:
     )
 
 
-def send_files(
-    endpoint: Endpoint,
-    files: Sequence[DicomFile],
-    timeouts: Timeouts,
-    on_result: Callable[[StoreResult], None],
-) -> None:
-    """Store `files` at `endpoint`, reporting each answered file through `on_result`.
-
-    One presentation context per (SOP class, transfer syntax) pair, so the peer accepts the
-    file's own syntax or nothing and the file can be streamed unchanged; one association per
-    128 pairs, files in their given order. A refusal status is reported and sending goes
-    on. A file the peer has no context for is converted over a second association when
-    `endpoint.convert` (decoded, in an uncompressed syntax); one that still can't go, or
-    that cannot be read, is reported with status None and sending goes on (permanent for
-    that file). An association that ends abnormally (abort, reset, DIMSE time-out, a
-    wrong answer) reports the file in flight as unanswered (status None) and the files
-    after it go on over a new association; the file is sent again alone at the end and,
-    if that association ends too, reported again as failed for good (`permanent`). An
-    association that cannot be made, more than `NO_PROGRESS` associations in a row that
-    end before any answer, or `MAX_BROKEN` that end abnormally raise `SendError`
-    (transient); files not attempted are not reported. If the peer accepted none of the
-    contexts, every file is reported and a permanent `SendError` is raised at the end.
-
-    `endpoint.associations` > 1 spreads the files, in consecutive runs, over up to that
-    many associations at once, each in a process of its own (threads gain nothing: the
-    GIL), when the job is big enough for that to pay (`router.parallel`). Each run goes on
-    to its end whatever happens to the others; `on_result` is called in this thread, one
-    answer at a time; the errors are raised together once all runs are done.
-    """
-    if not files:
-        return
-    from router import parallel  # here: it imports this module (its children need _Sender)
-
-    count = parallel.associations_for(endpoint, files)
-    if count == 1:
-        _Sender(endpoint, timeouts, on_result).run(files)
-    else:
-        parallel.send_parallel(endpoint, files, timeouts, on_result, count)
-
-
 def echo(endpoint: Endpoint, timeouts: Timeouts) -> int:
     """C-ECHO `endpoint` and return the status; SendError if there is no answer."""
-    sender = _Sender(endpoint, timeouts, lambda result: None)
+    sender = CStoreSender(endpoint, timeouts, lambda result: None)
     try:
         assoc = sender.associate([(Verification, [ImplicitVRLittleEndian])])
     except _NoContext:

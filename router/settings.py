@@ -39,13 +39,23 @@ class Settings(BaseSettings):
         4,
         ge=1,
         le=16,
-        description="Associations (sending processes) one job's files are spread over, per "
-        "destination; small jobs use fewer.",
+        description="Associations (sending processes; DICOMweb: requests) one job's files are "
+        "spread over, per destination; small jobs use fewer.",
     )
     """4: the best of 1-4 measured on two cores (bench/README.md). Into Orthanc, which
     stores what it gets, 1,500 CT images went at 1.02, 1.24, 1.20 and 1.57x storescu's rate
     over 1, 2, 3 and 4 associations; into storescp, which discards them, all four settings
     reach 1.0-1.3x (one sender already keeps up with the receiver)."""
+    stow_instances: int = Field(
+        50, ge=1, le=10000, description="STOW-RS: instances in one request, at most."
+    )
+    stow_bytes: int = Field(
+        64 << 20,
+        ge=1 << 16,
+        description="STOW-RS: bytes of files in one request, at most (a bigger file goes alone).",
+    )
+    """50 instances and 64 MiB: see bench/README.md (STOW-RS). Memory does not depend on
+    them: a request's body is streamed from the files."""
     max_associations: int = Field(
         4, ge=1, description="Associations open at once to one destination, over all jobs."
     )
@@ -99,6 +109,8 @@ class Settings(BaseSettings):
             dimse=self.dimse_timeout,
             network=self.network_timeout,
             max_pdu=self.max_pdu,
+            instances_per_request=self.stow_instances,
+            bytes_per_request=self.stow_bytes,
         )
 
     def backoff(self) -> Backoff:

@@ -6,6 +6,7 @@ pytest_plugins = [
     "tests.fixtures_tls",
     "tests.fixtures_dcmtk",
     "tests.fixtures_orthanc",
+    "tests.fixtures_stow",
     "tests.fixtures_harness",
     "tests.fixtures_prefect",
 ]

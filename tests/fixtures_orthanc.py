@@ -12,7 +12,9 @@ Config keys that Orthanc 1.10.1 honours here (see /etc/orthanc/orthanc.json):
 ``DicomAlwaysAllowStore`` true and empty ``DicomModalities`` accept C-STORE from any AE;
 ``UnknownSopClassAccepted`` true accepts any storage SOP class; ``DicomCheckCalledAet``
 true rejects a wrong called AE (permanent, "Called AE Title Not Recognized");
-``Plugins`` [] keeps the packaged plugins out. Its DICOM side is dcmtk and leaves Nagle on
+``Plugins`` lists only the DICOMweb plugin (Debian's ``orthanc-dicomweb`` 1.7) when it is
+installed, for STOW-RS at ``dicomweb_url``; it answers 400 to a request with a part it
+cannot read, listing the other instances as stored. Its DICOM side is dcmtk and leaves Nagle on
 unless ``TCP_NODELAY=1`` is in its environment: 45 ms per image without, ~3 ms with.
 It takes ~2 s to stop, and a second Orthanc on the same index directory fails with
 "database is locked", so each instance gets its own directory.
@@ -20,6 +22,7 @@ It takes ~2 s to stop, and a second Orthanc on the same index directory fails wi
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -45,6 +48,8 @@ from tests.fixtures_dcmtk import (
 )
 
 ORTHANC = "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+DICOMWEB_ROOT = "/dicom-web"
 _STARTUP_TIMEOUT = 60.0  # first start creates the SQLite index; slow disks take a while
 _STOP_TIMEOUT = 15.0
 
@@ -60,18 +65,39 @@ class Orthanc:
     workdir: Path
     process: subprocess.Popen = field(repr=False)
     host: str = HOST
+    user: tuple[str, str] | None = None
+    """(name, password) when HTTP basic authentication is on."""
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.http_port}"
 
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb service root: what a destination's URL is."""
+        return self.url + DICOMWEB_ROOT
+
     def request(self, method: str, path: str, body: Any = None) -> Any:
         """One REST call; returns the decoded JSON answer (None if empty)."""
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method)
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            raw = resp.read()
+        raw = self.request_bytes(method, path, None if body is None else json.dumps(body).encode())
         return json.loads(raw) if raw.strip() else None
+
+    def request_bytes(self, method: str, path: str, data: bytes | None = None) -> bytes:
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        if self.user:
+            token = base64.b64encode(":".join(self.user).encode()).decode()
+            req.add_header("Authorization", f"Basic {token}")
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.read()
+
+    def files(self) -> dict[str, bytes]:
+        """SOPInstanceUID -> the stored file's bytes (as Orthanc received them)."""
+        return {
+            i["MainDicomTags"]["SOPInstanceUID"]: self.request_bytes(
+                "GET", f"/instances/{i['ID']}/file"
+            )
+            for i in self.get("/instances?expand")
+        }
 
     def get(self, path: str) -> Any:
         return self.request("GET", path)
@@ -117,13 +143,15 @@ class Orthanc:
 
 
 def orthanc_config(workdir: Path, aet: str, port: int, http_port: int) -> dict[str, Any]:
-    """The configuration tests run against: loopback only, no auth, no plugins, any sender."""
+    """The configuration tests run against: loopback only, no auth, no plugin but DICOMweb,
+    any sender."""
     storage = workdir / "storage"
     return {
         "Name": "dicom-router-tests",
         "StorageDirectory": str(storage),
         "IndexDirectory": str(storage),
-        "Plugins": [],
+        "Plugins": [DICOMWEB_PLUGIN] if os.path.exists(DICOMWEB_PLUGIN) else [],
+        "DicomWeb": {"Enable": True, "Root": DICOMWEB_ROOT + "/", "EnableWado": False},
         "LuaScripts": [],
         "HttpServerEnabled": True,
         "HttpPort": http_port,
@@ -151,14 +179,31 @@ def orthanc_config(workdir: Path, aet: str, port: int, http_port: int) -> dict[s
     }
 
 
-def start_orthanc(workdir: Path, aet: str = "ORTHANC", **overrides: Any) -> Orthanc:
+def start_orthanc(
+    workdir: Path,
+    aet: str = "ORTHANC",
+    *,
+    user: tuple[str, str] | None = None,
+    **overrides: Any,
+) -> Orthanc:
     """Start an Orthanc on free ports with `orthanc_config`, `overrides` applied on top.
 
     For tests that need another configuration (say a restricted AcceptedTransferSyntaxes);
-    the caller must `stop()` it. `workdir` must be a fresh directory.
+    the caller must `stop()` it. `workdir` must be a fresh directory. `user`: HTTP basic
+    authentication with that (name, password).
+
+    No HTTPS: Debian's Orthanc 1.10.1 (civetweb on OpenSSL 3) dies of a segmentation fault
+    on its first TLS handshake (`SslEnabled`, RSA or EC certificate alike). For STOW-RS over
+    TLS, tests put `tests.fixtures_tls.TlsTerminator` in front of it, as sites put nginx.
     """
     if not os.access(ORTHANC, os.X_OK):
         pytest.fail(f"{ORTHANC} not found: {INSTALL_HINT}")
+    if user is not None:
+        overrides = {
+            "AuthenticationEnabled": True,
+            "RegisteredUsers": {user[0]: user[1]},
+            **overrides,
+        }
     workdir.mkdir(parents=True, exist_ok=True)
     last_error = None
     for _attempt in range(3):  # a free port can be taken before Orthanc binds it
@@ -176,7 +221,14 @@ def start_orthanc(workdir: Path, aet: str = "ORTHANC", **overrides: Any) -> Orth
                 stderr=subprocess.STDOUT,
                 preexec_fn=die_with_parent,
             )
-        orthanc = Orthanc(aet, port, http_port, workdir, proc)
+        orthanc = Orthanc(
+            aet,
+            port,
+            http_port,
+            workdir,
+            proc,
+            user=user,
+        )
         try:
             _wait_until_up(orthanc)
             return orthanc
@@ -199,7 +251,7 @@ def _wait_until_up(orthanc: Orthanc) -> None:
             if system.get("DicomPort") == orthanc.port:
                 break
         except (urllib.error.URLError, OSError, ValueError):
-            pass
+            pass  # not up yet
         if time.monotonic() > deadline:
             raise RuntimeError(f"no answer on {orthanc.url}/system\n{orthanc.log()}")
         time.sleep(0.1)

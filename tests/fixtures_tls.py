@@ -1,14 +1,20 @@
-"""pytest plugin: throw-away certificates for DICOM TLS tests, made once per session.
+"""pytest plugin: throw-away certificates for TLS tests, made once per session, and a TLS
+terminator to put in front of a plain peer.
 
 `pki` gives a CA, a server certificate for 127.0.0.1 (IP SAN, serverAuth) and a client
 certificate (clientAuth) it signed, and a second CA that signed nothing of the server's.
+`TlsTerminator` is what nginx is at a site: HTTPS outside, the peer's plain port inside.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
-from dataclasses import dataclass
+import socket
+import ssl
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +85,96 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         *save("server", *server),
         *save("client", *client),
     )
+
+
+@dataclass
+class TlsTerminator:
+    """TLS on 127.0.0.1:`port` in front of a plain TCP service at 127.0.0.1:`backend`.
+
+    With `client_ca`, a client certificate signed by it is required. `handshakes` counts
+    the completed ones, `refused` the failed ones. `stop()` closes every connection.
+    """
+
+    backend: int
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+    port: int = 0
+    handshakes: int = 0
+    refused: list[str] = field(default_factory=list)
+    _listener: socket.socket | None = field(default=None, repr=False)
+    _threads: list[threading.Thread] = field(default_factory=list, repr=False)
+    _sockets: list[socket.socket] = field(default_factory=list, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def start(self) -> TlsTerminator:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(str(self.cert), str(self.key))
+        if self.client_ca is not None:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(str(self.client_ca))
+        self._context = context
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.port = listener.getsockname()[1]
+        self._listener = listener
+        self._spawn(self._accept)
+        return self
+
+    def _spawn(self, target: Any, *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        with self._lock:
+            self._threads.append(thread)
+        thread.start()
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        while True:
+            try:
+                raw, _ = self._listener.accept()
+            except OSError:
+                return  # stopped
+            self._spawn(self._serve, raw)
+
+    def _serve(self, raw: socket.socket) -> None:
+        raw.settimeout(30)
+        try:
+            tls = self._context.wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            with self._lock:
+                self.refused.append(str(exc))
+            raw.close()
+            return
+        with self._lock:
+            self.handshakes += 1
+        try:
+            inner = socket.create_connection(("127.0.0.1", self.backend), timeout=30)
+        except OSError:
+            tls.close()
+            return
+        with self._lock:
+            self._sockets += [tls, inner]
+        self._spawn(self._pump, inner, tls)
+        self._pump(tls, inner)
+
+    @staticmethod
+    def _pump(source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                target.sendall(data)
+        except (OSError, ssl.SSLError):
+            pass
+        finally:
+            for sock in (source, target):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def stop(self) -> None:
+        with self._lock:
+            sockets, threads = list(self._sockets), list(self._threads)
+        for sock in [s for s in (self._listener,) if s is not None] + sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in accept or recv
+            with contextlib.suppress(OSError):
+                sock.close()
+        for thread in threads:
+            thread.join(timeout=5)

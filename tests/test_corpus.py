@@ -26,8 +26,8 @@ from router.model import Endpoint, SendError, StoreResult, Timeouts
 from router.record import RECORD
 from router.route import route_job
 from router.select import scan
-from router.send import send_files
 from router.settings import Settings
+from router.transport import send_files
 from tests.factory import write_job, write_pydicom_corpus
 from tests.fixtures_dcmtk import StoreSCP
 from tests.fixtures_orthanc import Orthanc

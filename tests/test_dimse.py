@@ -29,7 +29,7 @@ from pynetdicom.pdu import A_ABORT_RQ, A_RELEASE_RQ, P_DATA_TF
 
 from router.dimse import read_file_meta
 from router.model import DicomFile, StoreResult, Timeouts
-from router.send import send_files
+from router.transport import send_files
 from tests.fixtures_scp import StorageSCP, our_threads
 
 FAST = Timeouts(connect=5, acse=5, dimse=5, network=10)

@@ -29,8 +29,8 @@ from router.config import load_config, parse_config
 from router.model import DicomFile, Endpoint, SendError, StoreResult, Timeouts
 from router.record import RECORD
 from router.route import route_job
-from router.send import send_files
 from router.settings import Settings
+from router.transport import send_files
 from tests.factory import write_job
 from tests.fixtures_scp import StorageSCP
 

@@ -38,7 +38,8 @@ from pynetdicom.dsutils import encode, split_dataset
 import router.send
 from router.dimse import c_store_command
 from router.model import DicomFile, Endpoint, SendError, StoreResult, Timeouts, TlsOptions
-from router.send import MAX_CONTEXTS, echo, send_files
+from router.send import MAX_CONTEXTS, echo
+from router.transport import send_files
 from tests.factory import dicom_file, write_ct
 from tests.fixtures_scp import StorageSCP, our_threads
 from tests.fixtures_tls import Pki
