@@ -536,8 +536,12 @@ class PrefectServer:
         updates: dict[Any, Any] = {PREFECT_API_URL: self.api_url}
         if self.auth:
             updates[PREFECT_API_AUTH_STRING] = self.auth
-        with temporary_settings(updates):
-            yield
+        _drain_workers()  # events and logs go to the server of the current settings
+        try:
+            with temporary_settings(updates):
+                yield
+        finally:
+            _drain_workers()
 
     @contextlib.contextmanager
     def client(self) -> Iterator[SyncPrefectClient]:
@@ -767,6 +771,17 @@ class PrefectServer:
         for state in sorted(states, key=lambda s: s.timestamp):
             timeline.setdefault(str(state.name), (state.timestamp - run.created).total_seconds())
         return timeline
+
+
+def _drain_workers() -> None:
+    """Flush and stop this process's events and log workers: Prefect keeps one events
+    client per process whatever the API URL, so runs in this process under another
+    server's settings would otherwise send their events (task runs) to the wrong one."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    EventsWorker.drain_all(timeout=10)
+    APILogWorker.drain_all(timeout=10)
 
 
 def start_prefect_server(
