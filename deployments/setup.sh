@@ -6,7 +6,7 @@ set -euo pipefail
 config=${1:?usage: setup.sh ROUTING.json JOBS_ROOT}
 jobs_root=${2:?usage: setup.sh ROUTING.json JOBS_ROOT}
 cd "$(dirname "$0")/.."
-: "${PREFECT_API_URL:?set PREFECT_API_URL to the Prefect server, e.g. http://prefect-host:4200/api}"
+: "${PREFECT_API_URL:?set PREFECT_API_URL (and PREFECT_API_AUTH_STRING) to the Prefect server, e.g. https://prefect-host/api}"
 
 dicom-router validate "$config"
 dicom-router setup --config "$config"          # work pool, crash automation, block type, limits

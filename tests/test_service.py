@@ -54,6 +54,7 @@ class Site:
             "DICOM_ROUTER_RETRY_DELAY": "0.2",
             "DICOM_ROUTER_CONNECT_TIMEOUT": "3",
             "DICOM_ROUTER_DIMSE_TIMEOUT": "10",
+            "DICOM_ROUTER_JOBS_ROOT": str(self.base),
             "PREFECT_LOGGING_EXTRA_LOGGERS": "router",
         }
 
@@ -142,6 +143,36 @@ def test_a_job_announced_by_event_is_routed(
     [routed] = route_runs_for(prefect_server, job, 180, pool)
     assert routed.state.is_completed(), routed.state.message
     assert pacs.received() == {uid: 1 for uid in uids(job)}
+
+
+def test_an_event_naming_a_folder_outside_the_jobs_root_is_refused(
+    prefect_server: PrefectServer, pool: WorkPool, site: Site, storescp: Callable[..., Any]
+) -> None:
+    pacs = storescp("PACS")
+    site.route_to(pacs.port, "PACS")
+    outside = site.base.parent / f"{site.base.name}-outside" / "scans"
+    write_job(outside, n_output=2, n_input=0)
+    asked = site.base / "jobs" / ".." / ".." / outside.parent.name / "scans"  # .. out of it
+    code = "import sys; from flows.notify import job_processed; job_processed(sys.argv[1])"
+    subprocess.run(
+        [sys.executable, "-c", code, str(asked)],
+        cwd=REPO_ROOT,
+        env=prefect_server.env(),
+        check=True,
+        timeout=60,
+    )
+    [run] = route_runs_for(prefect_server, asked, 180, pool)
+    assert run.state.is_failed() and run.state.name == "Refused", run.state
+    assert "not under the jobs root" in (run.state.message or "")
+    assert pacs.received() == {}
+    assert sorted(p.name for p in outside.iterdir()) == [
+        "INPUT",
+        "OUTPUT",
+        "info.json",
+        "proc.json",
+    ]
+    log = site.log_file.read_text()
+    assert f"job={asked} outcome=refused" in log and f"({run.id})" in log
 
 
 def test_a_retry_from_the_ui_sends_only_what_is_missing(
