@@ -392,7 +392,8 @@ def test_the_worker_serves_prometheus_metrics(
 
     pacs = storescp("PACS")
     dead, port = free_port(), free_port()
-    base = tmp_path_factory.mktemp("metrics")
+    base = site.base / "metrics"  # under the jobs root
+    base.mkdir()
     good, bad = base / "good.json", base / "bad.json"
     for path, target in ((good, pacs.port), (bad, dead)):
         dest = {"IP": "127.0.0.1", "PORT": target, "AETitleSender": "ROUTER", "AETitleTo": "PACS"}
