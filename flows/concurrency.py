@@ -16,6 +16,11 @@ sync variant's renewal thread opens a client of its own at once and is joined fo
 0.1 s send a 2 s task. Here acquiring and releasing are one API call each on the run's
 client; the renewal thread only wakes (and opens a client) when a send lasts longer than
 a third of the lease, and is never joined.
+
+On SQLite (the one-box default) the server answers these calls with 503 "database is
+locked" whenever another write commits during its read-then-write transaction, which the
+task's own state events make likely; Prefect's client then sleeps 2 s before trying
+again, on every send. These calls try again after tens of milliseconds first.
 """
 
 from __future__ import annotations
@@ -49,6 +54,11 @@ LEASE_SECONDS = 60.0
 renewal (60 s is the API's minimum)."""
 MAX_WAIT_SECONDS = 2.0
 """Longest sleep between two tries at a full limit, whatever the server's Retry-After."""
+QUICK_RETRY_SECONDS = (0.02, 0.05, 0.1, 0.2, 0.4)
+"""Waits between tries at a call the server answered 503 (busy), before the client's own
+retries (2 s and more) take over."""
+ACQUIRE_PATH = "/v2/concurrency_limits/increment-with-lease"
+RELEASE_PATH = "/v2/concurrency_limits/decrement-with-lease"
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +165,7 @@ def destination_slot(name: str | None, occupy: int = 1, size: int | None = None)
                 yield
         finally:
             try:
-                client.release_concurrency_slots_with_lease(lease)
+                _quickly(client, RELEASE_PATH, {"lease_id": str(lease)})
             except httpx.HTTPError as exc:  # the server frees it when the lease runs out
                 log.warning("concurrency limit %s: slots not released (%s)", name, exc)
 
@@ -171,16 +181,18 @@ def _holder() -> ConcurrencyLeaseHolder | None:
 
 
 def _acquire(client: SyncPrefectClient, name: str, occupy: int) -> UUID:
-    holder = _holder()
+    # the body of the client's increment_concurrency_slots_with_lease
+    body: dict[str, object] = {
+        "names": [name],
+        "slots": occupy,
+        "mode": "concurrency",
+        "lease_duration": LEASE_SECONDS,
+    }
+    if (holder := _holder()) is not None:
+        body["holder"] = holder.model_dump(mode="json")
     while True:
         try:
-            response = client.increment_concurrency_slots_with_lease(
-                names=[name],
-                slots=occupy,
-                mode="concurrency",
-                lease_duration=LEASE_SECONDS,
-                holder=holder,
-            )
+            response = _quickly(client, ACQUIRE_PATH, body)
         except httpx.HTTPStatusError as exc:
             if exc.response.status_code != 423:
                 raise SlotUnavailable(
@@ -191,13 +203,37 @@ def _acquire(client: SyncPrefectClient, name: str, occupy: int) -> UUID:
             time.sleep(min(max(wait, 0.05), MAX_WAIT_SECONDS))
             cancel.check()
             continue
-        body = response.json()
-        if not body.get("limits"):
+        answer = response.json()
+        if not answer.get("limits"):
             raise SlotUnavailable(
                 f"concurrency limit {name} does not exist: routing never sends without its "
                 "destination's limit (`dicom-router setup` creates them)"
             )
-        return UUID(body["lease_id"])
+        return UUID(answer["lease_id"])
+
+
+def _quickly(client: SyncPrefectClient, path: str, body: dict[str, object]) -> httpx.Response:
+    """POST `body` to `path`, tried again within tens of milliseconds while the server is
+    busy (503); then, or on a 403 (a CSRF token to fetch), through the client's own
+    retries. Other errors raise as the client would (HTTPStatusError).
+
+    The first tries go past the client's retry loop (`httpx.Client.send`), which sleeps
+    2 s and more after a 503.
+    """
+    http = getattr(client, "_client", None)
+    if isinstance(http, httpx.Client):
+        for wait in QUICK_RETRY_SECONDS:
+            try:
+                response = httpx.Client.send(http, http.build_request("POST", path, json=body))
+            except httpx.TransportError:
+                break
+            if response.status_code == 403:
+                break
+            if response.status_code != 503:
+                response.raise_for_status()
+                return response
+            time.sleep(wait)
+    return client.request("POST", path, json=body)  # type: ignore[arg-type]
 
 
 @contextmanager
