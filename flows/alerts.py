@@ -33,6 +33,7 @@ from prefect.events.schemas.events import ResourceSpecification
 from prefect.runtime import flow_run
 
 from router.report import JobReport
+from router.text import printable_data
 
 DELIVERY_FAILED = "dicom-router.delivery.failed"
 JOB_FAILED = "dicom-router.job.failed"
@@ -58,6 +59,21 @@ def _job_resource(job_dir: str) -> dict[str, str]:
     return {"prefect.resource.id": f"dicom-router.job.{digest}", "prefect.resource.name": job_dir}
 
 
+def _emit(
+    event: str,
+    resource: dict[str, str],
+    related: list[dict[str, str]],
+    payload: dict[str, object],
+) -> None:
+    """Emit with printable text: an event is strict UTF-8 JSON (router.text)."""
+    emit_event(
+        event,
+        resource=printable_data(resource),
+        related=printable_data(related),
+        payload=printable_data(payload),
+    )
+
+
 def announce_report(report: JobReport) -> None:
     """One event per uncovered failed entry of a failed job."""
     for rule in report.failed_rules:
@@ -65,7 +81,7 @@ def announce_report(report: JobReport) -> None:
             if entry.state != "failed" or entry.covered:
                 continue
             key = entry.delivery.key if entry.delivery and entry.delivery.key else entry.destination
-            emit_event(
+            _emit(
                 DELIVERY_FAILED,
                 resource={
                     "prefect.resource.id": f"dicom-router.destination.{key}",
@@ -83,7 +99,7 @@ def announce_report(report: JobReport) -> None:
 
 
 def announce_job_failed(job_dir: str, state: str, reason: str) -> None:
-    emit_event(
+    _emit(
         JOB_FAILED,
         resource=_job_resource(job_dir),
         related=_run_related(),
@@ -97,7 +113,7 @@ def announce_job_failed(job_dir: str, state: str, reason: str) -> None:
 
 
 def announce_given_up(job_dir: str, reason: str, failures: int) -> None:
-    emit_event(
+    _emit(
         GIVEN_UP,
         resource=_job_resource(job_dir),
         related=_run_related(),

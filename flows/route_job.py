@@ -48,6 +48,7 @@ from router.route import (
 from router.rules import RuleMatch, match_rules
 from router.select import Scan, Selection, Unsendable, scan, select
 from router.settings import Settings
+from router.text import printable
 
 
 class RoutingFailed(Exception):
@@ -327,7 +328,7 @@ def route_job_flow(
     create_table_artifact(
         key=_artifact_key(report.job),
         table=report.rows() or [{"outcome": "no rule applied"}],
-        description=_markdown(report),
+        description=printable(_markdown(report)),
     )
     if report.state == "failed":
         announce_report(report)  # alerts
@@ -351,7 +352,7 @@ def ending_state(exc: JobInvalid | JobWaiting | JobLocked | JobRefused) -> State
     Calling the flow still raises `exc`."""
     name = ENDING_NAMES[type(exc)]
     make = Failed if isinstance(exc, JobInvalid | JobRefused) else Cancelled
-    return make(name=name, message=str(exc), data=exc)
+    return make(name=name, message=printable(str(exc)), data=exc)
 
 
 def run_route_job(

@@ -31,6 +31,7 @@ from router.overview import render, site_overview
 from router.record import read_status
 from router.settings import Settings
 from router.sweep import SweepPlan, mark_given_up, plan_sweep
+from router.text import printable, printable_data
 
 ROUTE_DEPLOYMENT = "route-job/route-job"
 MAX_PARALLEL_CAP = 32
@@ -168,8 +169,8 @@ def sweep_unrouted_flow(
     report = sweep_report(root_path, plan, outcomes)
     create_table_artifact(
         key="sweep-unrouted",
-        table=report["jobs"] or [{"job": "", "outcome": "nothing to route"}],
-        description=f"sweep of `{root_path}`: {report['counts']}",
+        table=printable_data(report["jobs"]) or [{"job": "", "outcome": "nothing to route"}],
+        description=printable(f"sweep of `{root_path}`: {report['counts']}"),
     )
     publish_overview(root_path, settings)
     tried_not_routed = [j for j in report["jobs"] if j["outcome"] not in NOT_A_FAILURE]

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from router.text import printable, printable_data
+
 EntryState = Literal["succeeded", "failed", "skipped"]
 
 
@@ -111,7 +113,7 @@ class JobReport:
             for e in rule.entries:
                 if e.state == "failed" and not e.covered:
                     parts.append(f'rule {rule.index} "{rule.name}" → {e.destination}: {e.reason}')
-        return "; ".join(parts)
+        return printable("; ".join(parts))
 
     def deliveries(self) -> list[Delivery]:
         return [e.delivery for r in self.rules for e in r.entries if e.delivery is not None]
@@ -138,7 +140,7 @@ class JobReport:
                         "reason": e.reason or "",
                     }
                 )
-        return rows
+        return printable_data(rows)  # type: ignore[no-any-return]
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -149,4 +151,4 @@ class JobReport:
             raw["succeeded"] = rule.succeeded
             for entry in raw["entries"]:
                 entry["break"] = entry.pop("break_")
-        return data
+        return printable_data(data)  # type: ignore[no-any-return]

@@ -16,6 +16,8 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from router.text import printable
+
 if TYPE_CHECKING:
     from router.config import RuleSpec, SendEntry
     from router.job import Job, JobInvalid
@@ -46,8 +48,8 @@ class _RunLogFile(logging.FileHandler):
     """
 
     def __init__(self, path: Path) -> None:
-        # backslashreplace: a file name that is not UTF-8 (a surrogate escape) is written
-        # as \udcxx instead of the whole line being dropped
+        # lines are printable (router.text); backslashreplace also keeps another
+        # logger's line with a name that is not UTF-8
         super().__init__(path, encoding="utf-8", errors="backslashreplace")
         self.path = path
         self.users = 0
@@ -119,7 +121,7 @@ def _q(value: object) -> str:
 
 
 def _line(**fields: object) -> str:
-    return " ".join(f"{k}={_q(v)}" for k, v in fields.items() if v is not None)
+    return printable(" ".join(f"{k}={_q(v)}" for k, v in fields.items() if v is not None))
 
 
 def entry(job: Job, rule: RuleSpec, entry: SendEntry, delivery: Delivery) -> None:

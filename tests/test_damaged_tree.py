@@ -192,6 +192,9 @@ def test_every_job_of_a_damaged_tree_ends_in_its_state(
         for name, state in EXPECTED.items()
         if name not in ("read-only", "waiting")  # listed, not tried
     }
+    reasons = {Path(j["job"]).name: j["reason"] for j in report["jobs"]}
+    # the file whose name is not UTF-8 is named, escaped, in the run's state and report
+    assert "OUTPUT/r\\udce9sultat.dcm: damaged DICOM file" in reasons["not-utf8-damaged"]
     assert [Path(j["job"]).name for j in report["invalid"]] == ["read-only"]
     assert [Path(j).name for j in report["waiting"]] == ["waiting"]
     check_tree(root, sent, server, log, untried=("read-only", "waiting"))

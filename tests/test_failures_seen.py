@@ -475,7 +475,9 @@ def test_a_file_name_that_is_not_utf8_keeps_its_log_line(
     log = (tmp_path / "routing.log").read_text(encoding="utf-8")
     [entry_line] = [line for line in log.splitlines() if " entry=1 " in line]
     assert "OUTPUT/caf\\udce9.dcm" in entry_line and "outcome=failed" in entry_line
-    json.dumps(report.to_dict())  # the report stays serialisable for --json and the UI
+    # the report stays serialisable for --json and the UI, whose JSON is strict UTF-8
+    json.dumps(report.to_dict(), ensure_ascii=False).encode("utf-8")
+    assert "OUTPUT/caf\\udce9.dcm" in report.reason()  # type: ignore[operator]
 
 
 # --- a record that cannot be written: a full disk ----------------------------------------
