@@ -26,10 +26,12 @@ RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs")
 def _expected() -> tuple[type[BaseException], ...]:
     from flows.concurrency import SlotUnavailable
     from flows.route_job import RoutingFailed, TransientSendFailure
+    from flows.sweep import SweepFailed
 
     return (
         TransientSendFailure,
         RoutingFailed,
+        SweepFailed,
         RunCancelled,
         SlotUnavailable,
         JobInvalid,
