@@ -955,19 +955,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"{binary} missing: run scripts/install-system-deps (as root)")
     args.out = args.out.absolute()
 
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with `&`
-    signal.signal(signal.SIGTERM, _terminated)
-    signal.signal(signal.SIGHUP, _terminated)
-    try:
-        result = memory_check(args) if args.memory_check else throughput(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Terminated as exc:
-        print(f"stopped by {exc}", file=sys.stderr)
-        return 128 + exc.signum
-    finally:
-        stop_all()
+    result = guarded(lambda: memory_check(args) if args.memory_check else throughput(args))
+    if isinstance(result, int):
+        return result
     if args.json:
         print(json.dumps(result, indent=2))
     elif args.memory_check:
