@@ -74,11 +74,26 @@ MARK_VAR = "DICOM_ROUTER_TEST_PROCESS"
 _SESSION = uuid.uuid4().hex[:12]
 _counter = itertools.count(1)
 
+SERVER_UNIT = REPO_ROOT / "deployments" / "systemd" / "prefect-server.service"
+
+
+def shipped_server_settings(unit: Path = SERVER_UNIT) -> dict[str, str]:
+    """The services' tuning that the documented systemd unit gives the server
+    (`Environment=PREFECT_SERVER_SERVICES_*`), so tests and benches run it as sites do."""
+    settings: dict[str, str] = {}
+    for line in unit.read_text(encoding="utf-8").splitlines():
+        if line.startswith("Environment=PREFECT_SERVER_SERVICES_"):
+            name, _, value = line.removeprefix("Environment=").partition("=")
+            settings[name] = value
+    return settings
+
+
 SERVER_SETTINGS: dict[str, str] = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_UI_ENABLED": "false",  # no static UI build at start-up
-    "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",  # test deployments have no schedules
     "PREFECT_SERVER_LOGGING_LEVEL": "INFO",
+    **shipped_server_settings(),
+    "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",  # test deployments have no schedules
 }
 """Server process settings; its services stay on (the task run recorder writes task runs)."""
 
