@@ -48,6 +48,7 @@ from uuid import UUID
 import anyio
 import anyio.abc
 from prefect import Flow, __version__
+from prefect.client.schemas.objects import Flow as APIFlow
 from prefect.context import SyncClientContext
 from prefect.events import RelatedResource, emit_event
 from prefect.events.clients import get_events_subscriber
@@ -67,8 +68,9 @@ from flows.concurrency import LocalGates, gated
 from router.observe import Observer, observing
 
 if TYPE_CHECKING:
-    from prefect.client.schemas.objects import FlowRun
-    from prefect.client.schemas.responses import WorkerFlowRunResponse
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.objects import FlowRun, WorkPool
+    from prefect.client.schemas.responses import DeploymentResponse, WorkerFlowRunResponse
 
 WORKER_TYPE = "dicom-router"
 DEFAULT_LIMIT = 8
@@ -86,6 +88,45 @@ class NotARouterFlow(Exception):
 
 class RouterJobConfiguration(BaseJobConfiguration):
     """Nothing to configure per run: the run uses this process and its environment."""
+
+    @classmethod
+    async def resolve_for_flow_run(
+        cls,
+        flow_run: FlowRun,
+        *,
+        client: PrefectClient,
+        work_pool: WorkPool,
+        worker_name: str,
+        worker_id: UUID | None = None,
+        deployment: DeploymentResponse | None = None,
+    ) -> RouterJobConfiguration:
+        """As the base, without asking the server for the flow: a router flow's name is
+        that of the flow the deployment's entrypoint names here (Prefect's own ad-hoc
+        submission skips that call the same way). One call, ~8 ms of server CPU, per run."""
+        if deployment is None and flow_run.deployment_id:
+            deployment = await client.read_deployment(flow_run.deployment_id)
+        try:
+            name = flow_for(getattr(deployment, "entrypoint", None)).name
+            flow = APIFlow(id=flow_run.flow_id, name=name, labels={})
+        except NotARouterFlow:  # run() refuses it with the reason
+            flow = await client.read_flow(flow_run.flow_id)
+        variables = dict(getattr(deployment, "job_variables", None) or {})
+        run_variables = dict(flow_run.job_variables or {})
+        if isinstance(variables.get("env"), dict):
+            variables["env"] = {**variables["env"], **run_variables.pop("env", {})}
+        variables.update(run_variables)
+        configuration = await cls.from_template_and_values(
+            base_job_template=work_pool.base_job_template, values=variables, client=client
+        )
+        configuration.prepare_for_flow_run(
+            flow_run=flow_run,
+            deployment=deployment,
+            flow=flow,
+            work_pool=work_pool,
+            worker_name=worker_name,
+            worker_id=worker_id,
+        )
+        return configuration
 
 
 class RouterVariables(BaseVariables):
@@ -304,6 +345,11 @@ class RouterWorker(BaseWorker[RouterJobConfiguration, RouterVariables, RouterWor
                 )
             finally:
                 run.stop.set()
+
+    async def _propose_submitting_state(self, flow_run: FlowRun) -> None:
+        """No Submitting state: it stands for infrastructure being provisioned, and the
+        run goes from Pending to Running in this process at once. One state change less
+        per run (~35 ms of server CPU: orchestration rules and an event)."""
 
     async def _cancel_run(self, flow_run_id: UUID) -> None:
         if not self._cancel_in_flight(str(flow_run_id)):
