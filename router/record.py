@@ -30,6 +30,7 @@ from router.report import Delivery
 
 RECORD = "routing-record.jsonl"
 STATUS = "routing-status.json"
+REPORT = "routing-report.json"
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +135,32 @@ def read_status(job_dir: Path) -> Status | None:
 
 
 def write_status(job_dir: Path, status: Status) -> None:
-    path = job_dir / STATUS
-    tmp = path.with_name(f".{STATUS}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp")
+    _replace(job_dir / STATUS, asdict(status))
+
+
+def write_report(job_dir: Path, report: Mapping[str, Any]) -> None:
+    """The last routing run's report (`JobReport.to_dict()`), beside its status: what a
+    person reads in the job folder without Prefect, and what `dicom-router route` prints
+    when a routing worker ran the job for it."""
+    _replace(job_dir / REPORT, report)
+
+
+def read_report(job_dir: Path) -> dict[str, Any] | None:
+    """The last run's report as written, or None (never routed, or unreadable)."""
     try:
-        tmp.write_text(json.dumps(asdict(status), indent=1) + "\n", encoding="utf-8")
+        data = json.loads((job_dir / REPORT).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        if not isinstance(exc, FileNotFoundError):
+            log.warning("%s: unreadable routing report: %s", job_dir / REPORT, exc)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _replace(path: Path, data: Mapping[str, Any]) -> None:
+    """Write `path` whole or not at all: a reader sees the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -88,6 +88,8 @@ class JobReport:
     message: str
     forced: bool
     run_id: str = ""
+    origin: str = ""
+    """Who asked for this run ("cli", "sweep", "prefect, flow run NAME (ID)", ...)."""
     rules_version: dict[str, str] = field(default_factory=dict)
     """Source (file or block) and sha256 of the rules this run used."""
     started: str = ""

@@ -43,6 +43,7 @@ from router.model import (
     status_is_transient,
 )
 from router.record import (
+    REPORT,
     Record,
     RecordWriteError,
     State,
@@ -50,6 +51,7 @@ from router.record import (
     check_writable,
     now,
     update_status,
+    write_report,
 )
 from router.report import Delivery, EntryOutcome, JobReport, RuleOutcome
 from router.rules import RuleMatch, fullmatch, match_rules
@@ -564,7 +566,11 @@ class LocalSteps:
 
 
 def new_report(
-    job: Job, record: Record, force: bool, rules: Mapping[str, str] | None = None
+    job: Job,
+    record: Record,
+    force: bool,
+    rules: Mapping[str, str] | None = None,
+    origin: str = "",
 ) -> JobReport:
     return JobReport(
         job=str(job.path),
@@ -574,6 +580,7 @@ def new_report(
         message=job.message,
         forced=force,
         run_id=record.run_id or "",
+        origin=origin,
         rules_version=dict(rules or {}),
         started=now(),
     )
@@ -586,6 +593,10 @@ def finish(report: JobReport, record: Record, routing: Routing) -> Status:
     report.skipped_files = routing.skipped_files()
     report.finished = now()
     status = record.end(report.state, report.reason(), report.rows(), report.deliveries())
+    try:
+        write_report(record.job_dir, report.to_dict())
+    except OSError as exc:  # the record and the status hold the outcome; say what is missing
+        routing_log.not_written(record.job_dir, REPORT, report.state, exc)
     routing_log.job_done(report)
     watcher = observe.current()
     if watcher is not None:
@@ -748,7 +759,7 @@ def _run_locked(
             raise
         record = Record(job.path)
         record.begin(forced=force, origin=origin, rules=rules)
-        report = new_report(job, record, force, rules)
+        report = new_report(job, record, force, rules, origin)
         finish(report, record, route_rules(match(job), steps_for(job, record)))
         return report
     except JobError:

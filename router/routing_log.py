@@ -224,11 +224,16 @@ def refused(job_dir: Path, origin: str, reason: str) -> None:
 
 
 def status_not_written(job_dir: Path, state: str, exc: OSError) -> None:
+    not_written(job_dir, "routing-status.json", state, exc)
+
+
+def not_written(job_dir: Path, name: str, state: str, exc: OSError) -> None:
+    outcome = "status-not-written" if name == "routing-status.json" else "report-not-written"
     logger.error(
         _line(
             job=job_dir,
-            outcome="status-not-written",
+            outcome=outcome,
             state=state,
-            reason=f"cannot write routing-status.json: {exc.strerror or exc}",
+            reason=f"cannot write {name}: {exc.strerror or exc}",
         )
     )

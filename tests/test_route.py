@@ -21,7 +21,7 @@ import pytest
 from router.config import RoutingConfig, parse_config
 from router.job import JobInvalid, JobWaiting
 from router.lock import JobLocked, job_lock
-from router.record import RECORD, read_status
+from router.record import RECORD, REPORT, read_report, read_status
 from router.route import route_job
 from router.settings import Settings
 from tests.factory import dicom_file, write_ct, write_job
@@ -78,6 +78,29 @@ def test_routes_output_to_a_destination(tmp_path: Path, scp: Callable[..., Any])
     assert all(e["status"] == 0 and e["stored"] and e["attempt"] == 1 for e in stores)
     log = (tmp_path / "routing.log").read_text()
     assert "rule=1:results" in log and "stored=3" in log and "outcome=routed" in log
+
+
+def test_the_job_folder_keeps_the_last_run_s_report(
+    tmp_path: Path, scp: Callable[..., Any]
+) -> None:
+    server = scp()
+    job = tmp_path / "job"
+    files = write_job(job, n_output=2, n_input=0)
+    server.refuse_instances[dicom_file(files[0]).sop_instance_uid] = 0xC000
+    cfg = rules({"name": "results", "send": [{"success": dest(server.port)}]})
+    first = route_job(job, cfg, settings(tmp_path), origin="test, first")
+    assert first.state == "failed"
+    assert read_report(job) == first.to_dict()
+    assert read_report(job)["origin"] == "test, first"  # type: ignore[index]
+
+    (job / REPORT).unlink()
+    (job / REPORT).mkdir()  # the report cannot be written: logged, the job still ends
+    server.refuse_instances.clear()
+    second = route_job(job, cfg, settings(tmp_path), origin="test, second")
+    assert second.state == "routed" and read_status(job).state == "routed"  # type: ignore[union-attr]
+    assert server.counts == {uid: 1 for uid in uids(files, "OUTPUT")}
+    log = (tmp_path / "routing.log").read_text()
+    assert "outcome=report-not-written" in log and "routing-report.json" in log
 
 
 def test_fail_back_lands_at_the_alternative_and_a_rerun_sends_nothing_twice(
