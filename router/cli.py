@@ -90,12 +90,26 @@ def route(
     force: Annotated[
         bool, typer.Option("--force", help="Send again what the record says was delivered.")
     ] = False,
+    in_process: Annotated[
+        bool,
+        typer.Option(
+            "--in-process",
+            help="Run the flow in this command even when a routing worker is online.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Route one job through the `route-job` flow."""
+    """Route one job with the `route-job` flow, on an online routing worker if there is one.
+
+    That is a `dicom-router worker` of the route-job deployment's pool, with PREFECT_API_URL set.
+    """
     settings = make_settings(config=config, me=me, port=port, log_file=log_file)
     if settings.config is not None:
         read_config(settings)  # refuse a bad file before starting Prefect
+    if not in_process:  # the worker's run checks the job as it would here
+        handed = _route_on_worker(job_dir.absolute(), settings, force=force, as_json=as_json)
+        if handed is not None:
+            raise typer.Exit(handed)
     from router.route import precheck
 
     try:
@@ -132,6 +146,64 @@ def route(
     else:
         _print_report(report)
     raise typer.Exit(code)
+
+
+def _route_on_worker(
+    job_path: Path, settings: Settings, *, force: bool, as_json: bool
+) -> int | None:
+    """Hand the job to an online warm worker (`flows.handoff`); its exit code, or None when
+    there is no server or no such worker, and the flow is to run here."""
+    from flows import handoff
+
+    url = handoff.api_url()
+    if url is None:
+        return None
+    parameters: dict[str, Any] = {"force": force, "origin": "cli"}
+    for name in ("config", "me", "port", "log_file"):  # what this command was told
+        if name in settings.model_fields_set and getattr(settings, name) is not None:
+            value = getattr(settings, name)
+            parameters[name] = str(value.absolute()) if isinstance(value, Path) else value
+
+    def created(run_id: str, name: str) -> None:
+        if sys.stderr.isatty():
+            err(f"routing on {target.worker} (pool {target.pool}): flow run {name} ({run_id})")
+
+    http = handoff.Api(url)
+    try:
+        target = handoff.online_worker(http)
+        if target is None:
+            return None
+        ended = handoff.run_on_worker(http, target, job_path, parameters, on_created=created)
+    except handoff.HandoffError as exc:
+        err(str(exc))
+        return EXIT_FAILED
+    return _worker_outcome(ended, as_json)
+
+
+def _worker_outcome(ended: Any, as_json: bool) -> int:
+    """The exit code and output of a run a worker made, as if it had run here."""
+    run = f"flow run {ended.name} ({ended.flow_run_id})"
+    if ended.report is not None and ended.state_type in ("COMPLETED", "FAILED"):
+        if as_json:
+            typer.echo(json.dumps(ended.report, indent=2))
+        else:
+            _print_report(ended.report)
+        return EXIT_ROUTED if ended.state_type == "COMPLETED" else EXIT_FAILED
+    if ended.state_type == "COMPLETED":  # a success with no report of its own: say so
+        err(f"{run} completed, but left no report in the job folder")
+        return EXIT_ROUTED
+    message = ended.message or ended.state_name
+    if ended.state_name in ("Invalid", "Refused"):
+        err(message)
+        return EXIT_BAD_INPUT
+    if ended.state_name in ("Waiting", "Locked"):
+        err(f"not ready: {message}")
+        return EXIT_NOT_READY
+    if ended.interrupted:
+        err(f"interrupted: {run} ended {ended.state_name}: {message}")
+        return 130
+    err(f"{run} ended {ended.state_name}: {message}")
+    return EXIT_FAILED
 
 
 @contextmanager

@@ -27,7 +27,6 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
-from pydicom.datadict import keyword_for_tag, tag_for_keyword
 
 from router import jsonc
 from router.model import AnyEndpoint, Endpoint, TlsOptions, WebAuth, WebEndpoint
@@ -123,6 +122,8 @@ def parse_tag(value: Any) -> str:
     compact = re.sub(r"[\s(),]", "", text)
     if re.fullmatch(r"[0-9A-Fa-f]{8}", compact) and (text.startswith("(") == text.endswith(")")):
         return compact.upper()
+    from pydicom.datadict import tag_for_keyword  # here: importing pydicom costs ~0.5 s
+
     tag = tag_for_keyword(text) if text.isidentifier() else None
     if tag is not None:
         return f"{tag:08X}"
@@ -134,6 +135,8 @@ def parse_tag(value: Any) -> str:
 
 def tag_label(tag: str) -> str:
     """`0008103E` → `(0008,103E) SeriesDescription` for messages."""
+    from pydicom.datadict import keyword_for_tag
+
     keyword = keyword_for_tag(int(tag, 16))
     return f"({tag[:4]},{tag[4:]})" + (f" {keyword}" if keyword else "")
 

@@ -334,6 +334,85 @@ def test_a_run_that_raises_fails_alone(
     assert all(w.running for w in pool.workers)
 
 
+def route_command(
+    server: PrefectServer, site: Site, job: Path, *flags: str, importtime: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """`dicom-router route JOB --json` as a user on a routing host runs it."""
+    python = [sys.executable, *(["-X", "importtime"] if importtime else [])]
+    return subprocess.run(
+        [*python, "-m", "router", "route", str(job), "--json", *flags],
+        cwd=REPO_ROOT,
+        env={**server.env(), **site.env()},
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+
+
+def test_the_command_line_hands_the_job_to_a_warm_worker(
+    prefect_server: PrefectServer, pool: WorkPool, site: Site, scp: Callable[..., Any]
+) -> None:
+    pacs = scp(ae_title="PACS")
+    site.route_to(pacs.port, "PACS")
+    job = site.base / "jobs" / "handed-0001"
+    write_job(job, n_output=3, n_input=0)
+
+    done = route_command(prefect_server, site, job, importtime=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["state"] == "routed", report
+    assert pacs.counts == {uid: 1 for uid in uids(job)}
+    imported = {
+        line.rsplit("|", 1)[-1].strip()
+        for line in done.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert "router.cli" in imported  # what is searched is there
+    assert not {m for m in imported if m == "prefect" or m.startswith("prefect.")}
+    # the run is the deployment's, made by one of the pool's workers, like a trigger's
+    run_id = UUID(report["origin"].rsplit("(", 1)[1].rstrip(")"))
+    run = prefect_server.flow_runs([run_id])[run_id]
+    assert run.name == "handed-0001" and run.deployment_id is not None
+    assert run.state is not None and run.state.is_completed()
+    assert run.labels.get("prefect.worker.name") in {w.name for w in pool.workers}
+
+    done = route_command(prefect_server, site, job)  # again: nothing is missing
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = json.loads(done.stdout)
+    assert again["origin"] != report["origin"]
+    [entry] = again["rules"][0]["entries"]
+    assert entry["delivery"]["already"] == 3 and entry["delivery"]["stored"] == 0
+    assert pacs.counts == {uid: 1 for uid in uids(job)}
+
+
+def test_the_command_line_on_a_worker_keeps_its_exit_codes(
+    prefect_server: PrefectServer, pool: WorkPool, site: Site, scp: Callable[..., Any]
+) -> None:
+    pacs = scp(ae_title="PACS")
+    site.route_to(pacs.port, "PACS")
+    waiting = site.base / "jobs" / "handed-waiting"
+    write_job(waiting, success=None, n_output=1, n_input=0)
+    done = route_command(prefect_server, site, waiting)
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert "not ready" in done.stderr and "proc.json" in done.stderr
+
+    refused = site.base / "jobs" / "handed-refused"
+    files = write_job(refused, n_output=3, n_input=0)
+    pacs.refuse_instances[dicom_file(files[-1]).sop_instance_uid] = 0xC000
+    done = route_command(prefect_server, site, refused)
+    assert done.returncode == 1, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["state"] == "failed" and "0xC000" in report["reason"]
+    assert len(pacs.counts) == 2
+
+    outside = site.base.parent / f"{site.base.name}-outside"
+    write_job(outside, n_output=1, n_input=0)
+    done = route_command(prefect_server, site, outside)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "jobs root" in done.stderr, done.stderr
+
+
 def test_a_killed_worker_s_run_crashes_and_a_retry_completes_it(
     prefect_server: PrefectServer,
     work_pool: Callable[..., WorkPool],
