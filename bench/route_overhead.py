@@ -7,13 +7,16 @@ small job (5 images of 64x64, `--small`) and a big one (1,500 CT images of 512x5
 1. `plain`: `router.route.route_job` in `python -c`, no Prefect: the reference.
 2. `cli ephemeral`: `dicom-router route JOB --json` without PREFECT_API_URL (the command
    starts its own API; the first run, on a new PREFECT_HOME, is left out).
-3. `cli server`: the same with PREFECT_API_URL pointing at a running server.
-4. `warm worker`: `dicom-router worker`, the job announced with
+3. `cli server`: the same with PREFECT_API_URL pointing at a running server, the flow run
+   in the command (`--in-process`, as without a routing worker online).
+4. `cli worker`: the same once a warm worker serves the route-job deployment's pool: the
+   command creates the run, the worker routes it, the command prints its report.
+5. `warm worker`: `dicom-router worker`, the job announced with
    `flows.notify.job_processed` (the `route-job` deployment's trigger creates the run);
    announce → every instance stored (the last answer's time in the job's record), and
    the CPU-seconds per job of the worker process (with its children) and of the
    `prefect server` process (PostgreSQL separately).
-5. `process worker`: Prefect's `prefect worker start --type process` on a process pool
+6. `process worker`: Prefect's `prefect worker start --type process` on a process pool
    of its own, the run created directly (no trigger): created → every instance stored.
 
 Then a burst (`--burst`, 500): that many small jobs (3 images each) announced at once to
@@ -21,6 +24,10 @@ one warm worker (`--limit`, 8), received by an in-process pynetdicom SCP that co
 instance: time to drain, jobs per second, every instance exactly once; run twice, the
 warm worker's RSS after 100 runs and after the last is the memory check (two rounds of
 `--burst 500`, the default, give 1,000 runs).
+
+The send task's own Prefect cost: the `send seconds` the record's end line gives for
+the entry (the send task's wall time around its C-STOREs: the task's start and end, the
+destination's slot taken and given back), warm worker minus plain path.
 
 Medians, and ratios to the plain path. The server is `prefect server` on a throwaway
 PostgreSQL, as the service tests start it.
@@ -226,7 +233,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if big is not None:
             jobs["big"], counts["big"] = big, args.files
 
-        plain = {size: plain_runs(job, config, base, logs, args.runs) for size, job in jobs.items()}
+        plain_sends: dict[str, list[float]] = {}
+        plain = {
+            size: plain_runs(job, config, base, logs, args.runs, plain_sends)
+            for size, job in jobs.items()
+        }
         home = base / "ephemeral-home"
         cli_env = {**clean, **router, "PREFECT_HOME": str(home)}
         ephemeral = {
@@ -242,7 +253,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         server_pid = server.service.process.pid
         served = {**server.env(base / "cli-home"), **router}
         with_server = {
-            size: cli_runs(job, served, logs / "cli-server.log", args.runs + 1)[1:]
+            size: cli_runs(job, served, logs / "cli-server.log", args.runs + 1, "--in-process")[1:]
             for size, job in jobs.items()
         }
 
@@ -255,6 +266,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stack.callback(announcer.close)
         warm = {
             size: warm_runs(job, counts[size], announcer, worker_pid, server_pid, args.runs)
+            for size, job in jobs.items()
+        }
+        on_worker = {
+            size: cli_runs(job, served, logs / "cli-worker.log", args.runs + 1)[1:]
             for size, job in jobs.items()
         }
 
@@ -274,39 +289,53 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "plain": plain,
         "cli ephemeral": ephemeral,
         "cli server": with_server,
+        "cli worker": on_worker,
         "warm worker": {s: w["latency"] for s, w in warm.items()},
         "process worker": process,
     }
     figures["warm_cpu"] = {
-        s: {k: v for k, v in w.items() if k != "latency"} for s, w in warm.items()
+        s: {k: v for k, v in w.items() if k not in ("latency", "send")} for s, w in warm.items()
+    }
+    figures["send_task_prefect_s"] = {
+        s: round(median(warm[s]["send"]) - median(plain_sends[jobs[s].name]), 3) for s in warm
     }
     figures["logs"] = str(logs)
     shutil.rmtree(base / "jobs", ignore_errors=True)
     return figures
 
 
-def plain_runs(job: Path, config: Path, base: Path, logs: Path, runs: int) -> list[float]:
+def plain_runs(
+    job: Path, config: Path, base: Path, logs: Path, runs: int, sends: dict[str, list[float]]
+) -> list[float]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     cmd = [sys.executable, "-c", PLAIN_PATH, str(job), str(config), str(base / "plain.log")]
     out: list[float] = []
     for _ in range(runs):
         reset_record(job)
         out.append(timed(cmd, env, logs / "plain.log"))
+        sends.setdefault(job.name, []).append(send_seconds(job))
     return out
 
 
-def cli_runs(job: Path, env: dict[str, str], log: Path, runs: int) -> list[float]:
+def cli_runs(job: Path, env: dict[str, str], log: Path, runs: int, *flags: str) -> list[float]:
     out: list[float] = []
     for _ in range(runs):
         reset_record(job)
-        out.append(timed([router_cli(), "route", str(job), "--json"], env, log))
+        out.append(timed([router_cli(), "route", str(job), "--json", *flags], env, log))
     return out
+
+
+def send_seconds(job: Path) -> float:
+    """The entries' `send seconds` in the record's last end line (one entry here)."""
+    lines = (job / "routing-record.jsonl").read_text().splitlines()
+    end = next(json.loads(x) for x in reversed(lines) if '"event":"end"' in x)
+    return sum(float(e["send seconds"]) for e in end["entries"])
 
 
 def warm_runs(
     job: Path, n: int, announcer: Announcer, worker: int, server: int, runs: int
 ) -> dict[str, list[float]]:
-    latency, worker_cpu, server_cpu, pg_cpu = [], [], [], []
+    latency, worker_cpu, server_cpu, pg_cpu, send = [], [], [], [], []
     for i in range(runs + 1):  # the first warms the worker's caches
         reset_record(job)
         w0, s0, p0 = cpu_seconds(worker), cpu_seconds(server), postgres_cpu()
@@ -319,7 +348,14 @@ def warm_runs(
             worker_cpu.append(cpu_seconds(worker) - w0)
             server_cpu.append(cpu_seconds(server) - s0)
             pg_cpu.append(postgres_cpu() - p0)
-    return {"latency": latency, "worker": worker_cpu, "server": server_cpu, "postgres": pg_cpu}
+            send.append(send_seconds(job))
+    return {
+        "latency": latency,
+        "worker": worker_cpu,
+        "server": server_cpu,
+        "postgres": pg_cpu,
+        "send": send,
+    }
 
 
 def process_runs(job: Path, n: int, server: Any, deployment: str, runs: int) -> list[float]:
@@ -410,7 +446,8 @@ def render(f: dict[str, Any]) -> str:
     what = {
         "plain": "plain path (python -c route_job), wall",
         "cli ephemeral": "dicom-router route, ephemeral API, wall",
-        "cli server": "dicom-router route, PREFECT_API_URL, wall",
+        "cli server": "dicom-router route, server, in process, wall",
+        "cli worker": "dicom-router route, server + warm worker, wall",
         "warm worker": "warm worker, announce → all stored",
         "process worker": "process worker, created → all stored",
     }
@@ -426,6 +463,11 @@ def render(f: dict[str, Any]) -> str:
         lines.append(
             f"warm worker CPU per job ({label[s]}): worker {median(c['worker'])} s, "
             f"prefect server {median(c['server'])} s, postgres {median(c['postgres'])} s"
+        )
+    for s in sizes:
+        lines.append(
+            f"send task's Prefect cost ({label[s]}): {f['send_task_prefect_s'][s]} s "
+            "(send seconds in the record, warm worker minus plain path)"
         )
     if b := f.get("burst"):
         for i, r in enumerate(b["rounds"], 1):
