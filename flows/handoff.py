@@ -25,6 +25,7 @@ import signal
 import ssl
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -152,12 +153,13 @@ def online_worker(http: Api) -> Worker | None:
     pool = deployment.get("work_pool_name")
     if not pool:
         return None
-    response = http.get(f"work_pools/{pool}")
+    quoted = urllib.parse.quote(pool, safe="")
+    response = http.get(f"work_pools/{quoted}")
     response.check(f"reading work pool {pool}")
     if response.json().get("type") != WORKER_TYPE:
         return None
     response = http.post(
-        f"work_pools/{pool}/workers/filter",
+        f"work_pools/{quoted}/workers/filter",
         {"workers": {"status": {"any_": ["ONLINE"]}}, "limit": 1},
     )
     response.check(f"reading the workers of pool {pool}")
