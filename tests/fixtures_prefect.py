@@ -712,10 +712,12 @@ class PrefectServer:
     def task_runs(
         self, flow_run_id: UUID, *, at_least: int = 0, timeout: float = 15.0
     ) -> list[TaskRun]:
-        """The flow run's task runs, waiting up to `timeout` s until there are `at_least`.
+        """The flow run's task runs, waiting up to `timeout` s until there are `at_least`,
+        each in a final state (call it once the flow run is final).
 
         Task runs reach the database through events and the server's task run recorder,
-        after the flow run's own final state: read at once, some may be missing.
+        which writes them in batches (up to 1 s later), after the flow run's own final
+        state: read at once, some may be missing or still show Running.
         """
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -727,7 +729,8 @@ class PrefectServer:
                         flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
                     )
                 )
-            if len(runs) >= at_least or time.monotonic() > deadline:
+            final = all(r.state is not None and r.state.is_final() for r in runs)
+            if (len(runs) >= at_least and final) or time.monotonic() > deadline:
                 return runs
             time.sleep(0.2)
 

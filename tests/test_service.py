@@ -413,6 +413,39 @@ def test_the_command_line_on_a_worker_keeps_its_exit_codes(
     assert "jobs root" in done.stderr, done.stderr
 
 
+def test_ctrl_c_on_the_command_line_cancels_the_worker_s_run(
+    prefect_server: PrefectServer, pool: WorkPool, site: Site, scp: Callable[..., Any]
+) -> None:
+    import signal
+
+    pacs = scp(ae_title="PACS", delay=0.05)
+    site.route_to(pacs.port, "PACS")
+    job = site.base / "jobs" / "handed-interrupted"
+    write_job(job, n_output=60, n_input=0, rows=16, cols=16)
+    command = subprocess.Popen(
+        [sys.executable, "-m", "router", "route", str(job), "--json"],
+        cwd=REPO_ROOT,
+        env={**prefect_server.env(), **site.env()},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: len(pacs.instances) >= 3, 60, "instance stored")
+        command.send_signal(signal.SIGINT)
+        out, errors = command.communicate(timeout=60)
+    finally:
+        if command.poll() is None:
+            command.kill()
+    assert command.returncode == 130, errors
+    assert out == ""  # no report: the run was stopped
+    assert "interrupted" in errors and "Cancelled" in errors, errors
+    arrived = dict(pacs.counts)
+    time.sleep(0.5)
+    assert pacs.counts == arrived and 3 <= len(arrived) < 60  # stopped between C-STOREs
+    assert sorted(recorded(job)) == sorted(arrived)  # and the record is true
+
+
 def test_a_killed_worker_s_run_crashes_and_a_retry_completes_it(
     prefect_server: PrefectServer,
     work_pool: Callable[..., WorkPool],
