@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -25,6 +25,9 @@ from router.lock import JobLocked
 from router.model import Endpoint, SendError
 from router.routing_log import LogFileError
 from router.settings import Settings
+
+if TYPE_CHECKING:
+    from flows.handoff import Ended
 
 EXIT_ROUTED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NOT_READY = 0, 1, 2, 3
 _LISTED = 5
@@ -180,8 +183,9 @@ def _route_on_worker(
     return _worker_outcome(ended, as_json)
 
 
-def _worker_outcome(ended: Any, as_json: bool) -> int:
-    """The exit code and output of a run a worker made, as if it had run here."""
+def _worker_outcome(ended: Ended, as_json: bool) -> int:
+    """The exit code and output of a run a worker made, as if it had run here (the state
+    names are those `flows.route_job.ENDING_NAMES` gives the runs that did not route)."""
     run = f"flow run {ended.name} ({ended.flow_run_id})"
     if ended.report is not None and ended.state_type in ("COMPLETED", "FAILED"):
         if as_json:
