@@ -243,12 +243,17 @@ class _AssociationSocket(AssociationSocket):
     acse_received: list[Any]
     free: threading.Event
     """Clear while the sending thread does the C-STORE exchange itself (`_owned_socket`)."""
+    handover: threading.Lock
+    """Held by the DUL thread while it looks for data, and by the sending thread while it
+    takes the connection: the DUL thread must not see `free` set, lose the processor, and
+    then find (and read) the answer to the C-STORE the sending thread sent meanwhile."""
 
     def _create_socket(self, address: AddressInformation) -> socket.socket:
         # Same as pynetdicom's, with Nagle off: it otherwise stalls each PDU by up to 40 ms.
         self.acse_received = []
         self.free = threading.Event()
         self.free.set()
+        self.handover = threading.Lock()
         self.conn = _Conn(self.assoc.network_timeout)
         family = socket.AF_INET if address.is_ipv4 else socket.AF_INET6
         sock = _TcpSocket(family, self.conn)
@@ -267,10 +272,11 @@ class _AssociationSocket(AssociationSocket):
         The DUL thread asks this every loop turn. While owned, it is held here (up to
         `_DUL_OFF_WAIT` a turn) instead of spinning, and told there is nothing to read.
         """
-        if not self.free.is_set():
-            self.free.wait(_DUL_OFF_WAIT)
-            return False
-        return bool(super().ready)
+        with self.handover:
+            if self.free.is_set():
+                return bool(super().ready)
+        self.free.wait(_DUL_OFF_WAIT)
+        return False
 
 
 class _Checkpoint(threading.Event):
@@ -390,7 +396,8 @@ def _owned_socket(assoc: Association, timeouts: Timeouts) -> Iterator[dimse.Stor
     """
     link = _link(assoc)
     channel = dimse.StoreChannel(link.socket, assoc.acceptor.maximum_length, timeouts.dimse)
-    link.free.clear()  # nothing is due from the peer now: we have asked for nothing yet
+    with link.handover:  # the DUL thread is not between seeing it free and looking at it
+        link.free.clear()  # nothing is due from the peer now: we have asked for nothing yet
     try:
         yield channel
     finally:
