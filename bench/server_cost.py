@@ -34,7 +34,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"  # the bench's own flow runs say nothing
+
+from route_overhead import cpu_seconds  # noqa: E402
 
 from tests.fixtures_prefect import (  # noqa: E402
     SERVER_SETTINGS,
@@ -46,11 +49,6 @@ from tests.fixtures_prefect import (  # noqa: E402
 
 SETTLE_SECONDS = 7.0
 """Events and task runs are written in batches (up to 5 s later): wait for them."""
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(fields[i]) for i in (11, 12)) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(server_env: dict[str, str], args: argparse.Namespace, base: Path) -> dict[str, float]:
