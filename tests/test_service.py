@@ -2,6 +2,7 @@
 
 What a site relies on, end to end, with `dicom-router worker` as the README sets it up: a
 finished processing run triggers `route-job`; a job announced by an event is routed; a
+worker takes a run the moment it is scheduled, from the pool's events, not its poll; a
 failed run retried as the UI does sends only what is missing; a run cancelled as the UI
 does stops between C-STOREs with its record true; a run that raises fails alone; a
 deployed sweep fans the pending jobs out to the workers; two workers routing 20 jobs from
@@ -143,6 +144,45 @@ def test_a_job_announced_by_event_is_routed(
     [routed] = route_runs_for(prefect_server, job, 180, pool)
     assert routed.state.is_completed(), routed.state.message
     assert pacs.received() == {uid: 1 for uid in uids(job)}
+
+
+def test_a_warm_worker_takes_a_run_the_moment_it_is_scheduled(
+    prefect_server: PrefectServer,
+    work_pool: Callable[..., WorkPool],
+    site: Site,
+    storescp: Callable[..., Any],
+) -> None:
+    """Pickup is the pool's events, not the poll: with the worker's own poll an hour
+    apart, runs created as the UI's Run does, and a UI Retry, start within seconds."""
+    pacs = storescp("PACS")
+    site.route_to(pacs.port, "PACS")
+    env = {**site.env(), "PREFECT_WORKER_QUERY_SECONDS": "3600"}
+    evented = work_pool(1, env=env, warm=True)
+    name = evented.deploy("flows/route_job.py:route_job_flow", "route-job-evented")
+    expected: set[str] = set()
+    pickups: list[float] = []
+    for i in range(3):
+        job = site.base / "jobs" / f"evented-{i:04d}"
+        write_job(job, n_output=2, n_input=0)
+        expected |= uids(job)
+        run = prefect_server.run_deployment(name, {"job_dir": str(job)})
+        done = prefect_server.wait_for_flow_runs([run.id], timeout=30, pool=evented)[run.id]
+        assert done.state.is_completed(), done.state.message
+        pickups.append(prefect_server.timeline(run.id)["Pending"])
+    assert pacs.received() == {uid: 1 for uid in expected}
+    assert max(pickups) < 5.0, pickups
+
+    result = prefect_server.retry_flow_run(run.id)
+    assert result.status.value == "ACCEPT", result
+
+    def retried() -> bool:
+        with prefect_server.client() as client:
+            states = sorted(client.read_flow_run_states(run.id), key=lambda s: s.timestamp)
+        names = [s.name for s in states]
+        return names.count("Running") == 2 and names[-1] == "Completed"
+
+    wait_until(retried, 30, "the retried run Completed")
+    assert pacs.received() == {uid: 1 for uid in expected}  # already there: not sent again
 
 
 def test_an_event_naming_a_folder_outside_the_jobs_root_is_refused(
