@@ -11,11 +11,12 @@ small job (5 images of 64x64, `--small`) and a big one (1,500 CT images of 512x5
    in the command (`--in-process`, as without a routing worker online).
 4. `cli worker`: the same once a warm worker serves the route-job deployment's pool: the
    command creates the run, the worker routes it, the command prints its report.
-5. `warm worker`: `dicom-router worker`, the job announced with
-   `flows.notify.job_processed` (the `route-job` deployment's trigger creates the run);
-   announce → every instance stored (the last answer's time in the job's record), and
-   the CPU-seconds per job of the worker process (with its children) and of the
-   `prefect server` process (PostgreSQL separately).
+5. `warm worker`: `dicom-router worker` on a pool set up as `dicom-router setup` does it
+   (with the automation that crashes the runs of a worker that stopped beating), the job
+   announced with `flows.notify.job_processed` (the `route-job` deployment's trigger
+   creates the run); announce → every instance stored (the last answer's time in the
+   job's record), and the CPU-seconds per job of the worker process (with its children)
+   and of the `prefect server` process (PostgreSQL separately).
 6. `process worker`: Prefect's `prefect worker start --type process` on a process pool
    of its own, the run created directly (no trigger): created → every instance stored.
 
@@ -26,8 +27,11 @@ warm worker's RSS after 100 runs and after the last is the memory check (two rou
 `--burst 500`, the default, give 1,000 runs).
 
 The send task's own Prefect cost: the `send seconds` the record's end line gives for
-the entry (the send task's wall time around its C-STOREs: the task's start and end, the
-destination's slot taken and given back), warm worker minus plain path.
+the entry (the send task's wall time: the task's start and end, the destination's slot
+taken and given back, its C-STOREs) minus the time in its C-STOREs (`attempt_once`), for
+flow runs in one warm process against the server. Also printed: the send seconds of the
+warm worker minus the plain path's, which adds what the server and the worker's other
+threads take from the send's CPU meanwhile.
 
 Medians, and ratios to the plain path. The server is `prefect server` on a throwaway
 PostgreSQL, as the service tests start it.
@@ -63,6 +67,7 @@ from route_throughput import (  # noqa: E402
     write_config,
 )
 
+from flows.service import ensure_crash_automation  # noqa: E402
 from tests.fixtures_prefect import (  # noqa: E402
     WorkPool,
     create_work_pool,
@@ -79,6 +84,38 @@ for line in sys.stdin:
     job_processed(line.strip())
     print(time.time(), flush=True)
 """
+
+SEND_COST = """\
+import json, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+import flows.route_job as steps
+from flows.route_job import run_route_job
+from route_throughput import reset_record
+from router.settings import Settings
+job, runs = Path(sys.argv[1]), int(sys.argv[2])
+inside = []
+attempt = steps.attempt_once
+def timed(*args, **kw):
+    start = time.perf_counter()
+    try:
+        return attempt(*args, **kw)
+    finally:
+        inside.append(time.perf_counter() - start)
+steps.attempt_once = timed
+settings, out = Settings(), []
+for i in range(runs + 1):  # the first warms the process
+    reset_record(job)
+    inside.clear()
+    run_route_job(job, settings, origin="bench")
+    lines = (job / "routing-record.jsonl").read_text().splitlines()
+    end = next(json.loads(x) for x in reversed(lines) if '"event":"end"' in x)
+    if i:
+        out.append(sum(e["send seconds"] for e in end["entries"]) - sum(inside))
+print(json.dumps(out))
+"""
+"""The send task's own cost: its wall time (the record's `send seconds`) minus the time in
+its C-STOREs (`attempt_once`), flow runs in one warm process against the server."""
 
 
 def cpu_seconds(pid: int) -> float:
@@ -257,8 +294,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for size, job in jobs.items()
         }
 
+        send_cost = {
+            size: send_task_cost(job, served, logs / "send-cost.log", args.runs)
+            for size, job in jobs.items()
+        }
+
         warm_pool = WorkPool(create_work_pool(server, "warm", warm=True), server, base, warm=True)
         stack.callback(warm_pool.stop)
+        with server.settings():  # as `dicom-router setup` creates it, with the pool
+            ensure_crash_automation(warm_pool.name, 60.0)
         server.cli("deploy", "--name", "route-job", "--pool", warm_pool.name)
         warm_pool.start_workers(1, limit=args.limit, env=router)
         worker_pid = warm_pool.workers[0].service.process.pid
@@ -296,7 +340,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     figures["warm_cpu"] = {
         s: {k: v for k, v in w.items() if k not in ("latency", "send")} for s, w in warm.items()
     }
-    figures["send_task_prefect_s"] = {
+    figures["send_task_prefect_s"] = {s: median(v) for s, v in send_cost.items()}
+    figures["send_warm_minus_plain_s"] = {
         s: round(median(warm[s]["send"]) - median(plain_sends[jobs[s].name]), 3) for s in warm
     }
     figures["logs"] = str(logs)
@@ -323,6 +368,15 @@ def cli_runs(job: Path, env: dict[str, str], log: Path, runs: int, *flags: str) 
         reset_record(job)
         out.append(timed([router_cli(), "route", str(job), "--json", *flags], env, log))
     return out
+
+
+def send_task_cost(job: Path, env: dict[str, str], log: Path, runs: int) -> list[float]:
+    cmd = [sys.executable, "-c", SEND_COST, str(job), str(runs), str(REPO / "bench")]
+    with log.open("a") as err:
+        done = subprocess.run(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=err)
+    if done.returncode:
+        raise SystemExit(f"send task cost run exited {done.returncode}: see {log}")
+    return json.loads(done.stdout.decode().strip().splitlines()[-1])
 
 
 def send_seconds(job: Path) -> float:
@@ -467,7 +521,8 @@ def render(f: dict[str, Any]) -> str:
     for s in sizes:
         lines.append(
             f"send task's Prefect cost ({label[s]}): {f['send_task_prefect_s'][s]} s "
-            "(send seconds in the record, warm worker minus plain path)"
+            "(the task's send seconds minus its C-STOREs, flow runs in one process); "
+            f"send seconds, warm worker minus plain path: {f['send_warm_minus_plain_s'][s]} s"
         )
     if b := f.get("burst"):
         for i, r in enumerate(b["rounds"], 1):
