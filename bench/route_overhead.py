@@ -51,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -61,14 +62,18 @@ sys.path.insert(0, str(REPO))
 from route_throughput import (  # noqa: E402
     PLAIN_PATH,
     ensure_job,
+    guarded,
     reset_record,
     router_cli,
+    spawn,
+    stop_group,
     storescp,
     write_config,
 )
 
 from flows.service import ensure_crash_automation  # noqa: E402
 from tests.fixtures_prefect import (  # noqa: E402
+    SERVER_SETTINGS,
     WorkPool,
     create_work_pool,
     start_postgres,
@@ -177,13 +182,32 @@ def small_job(base: Path, name: str, images: int = 5) -> Path:
     return job
 
 
+@contextlib.contextmanager
+def server_logging(level: str) -> Iterator[None]:
+    saved = SERVER_SETTINGS.get("PREFECT_SERVER_LOGGING_LEVEL")
+    SERVER_SETTINGS["PREFECT_SERVER_LOGGING_LEVEL"] = level
+    try:
+        yield
+    finally:
+        if saved is None:
+            SERVER_SETTINGS.pop("PREFECT_SERVER_LOGGING_LEVEL")
+        else:
+            SERVER_SETTINGS["PREFECT_SERVER_LOGGING_LEVEL"] = saved
+
+
 def timed(cmd: list[str], env: dict[str, str], log: Path) -> float:
+    """Wall time of `cmd`, a child in a process group of its own, stopped with the bench;
+    what it leaves running (its ephemeral API) is a bug, and stops the bench."""
     start = time.perf_counter()
     with log.open("ab") as fh:
-        done = subprocess.run(cmd, env=env, cwd=REPO, stdout=fh, stderr=fh, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:4])} exited {done.returncode}: see {log}")
-    return time.perf_counter() - start
+        proc = spawn(cmd, env, fh, fh)
+        code = proc.wait()
+    seconds = time.perf_counter() - start
+    if stop_group(proc):
+        raise SystemExit(f"{' '.join(cmd[:4])} left processes running: see {log}")
+    if code != 0:
+        raise SystemExit(f"{' '.join(cmd[:4])} exited {code}: see {log}")
+    return seconds
 
 
 def median(values: list[float]) -> float | None:
@@ -195,15 +219,8 @@ class Announcer:
 
     def __init__(self, env: dict[str, str], log: Path) -> None:
         self.log = log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", ANNOUNCER],
-            env=env,
-            cwd=REPO,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            text=True,
-        )
+        cmd = [sys.executable, "-c", ANNOUNCER]
+        self.proc = spawn(cmd, env, subprocess.PIPE, self.log, stdin=subprocess.PIPE, text=True)
 
     def announce(self, job: Path) -> float:
         """Announce; the epoch time just before the call."""
@@ -228,9 +245,9 @@ class Announcer:
             self.proc.stdin.close()
         try:
             self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
+        finally:
+            stop_group(self.proc)
+            self.log.close()
 
 
 def main() -> None:
@@ -244,7 +261,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    figures = run(args)
+    figures = guarded(lambda: run(args))  # Ctrl-C or SIGTERM: every child stopped
+    if isinstance(figures, int):
+        sys.exit(figures)
     print(json.dumps(figures, indent=2) if args.json else render(figures))
 
 
@@ -285,7 +304,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         (base / "pg").mkdir()
         pg = start_postgres(base / "pg")
         stack.callback(stop_postgres, pg)
-        server = start_prefect_server(base / "prefect", pg.url())
+        # logging as the unit leaves it (Prefect's default, WARNING): at the tests' INFO
+        # the server writes a line per request and per event an automation covers
+        with server_logging("WARNING"):
+            server = start_prefect_server(base / "prefect", pg.url())
         stack.callback(server.stop)
         server_pid = server.service.process.pid
         served = {**server.env(base / "cli-home"), **router}
@@ -372,11 +394,15 @@ def cli_runs(job: Path, env: dict[str, str], log: Path, runs: int, *flags: str) 
 
 def send_task_cost(job: Path, env: dict[str, str], log: Path, runs: int) -> list[float]:
     cmd = [sys.executable, "-c", SEND_COST, str(job), str(runs), str(REPO / "bench")]
-    with log.open("a") as err:
-        done = subprocess.run(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=err)
-    if done.returncode:
-        raise SystemExit(f"send task cost run exited {done.returncode}: see {log}")
-    return json.loads(done.stdout.decode().strip().splitlines()[-1])
+    with log.open("ab") as err, tempfile.TemporaryFile() as out:
+        proc = spawn(cmd, env, out, err)
+        code = proc.wait()
+        stop_group(proc)
+        out.seek(0)
+        printed = out.read().decode()
+    if code:
+        raise SystemExit(f"send task cost run exited {code}: see {log}")
+    return json.loads(printed.strip().splitlines()[-1])
 
 
 def send_seconds(job: Path) -> float:

@@ -88,14 +88,23 @@ def _die_with_parent() -> None:
         _LIBC.prctl(1, signal.SIGINT)  # PR_SET_PDEATHSIG
 
 
-def spawn(args: Sequence[str], env: dict[str, str], stdout: Any, stderr: Any) -> subprocess.Popen:
+def spawn(
+    args: Sequence[str],
+    env: dict[str, str],
+    stdout: Any,
+    stderr: Any,
+    *,
+    stdin: Any = subprocess.DEVNULL,
+    text: bool = False,
+) -> subprocess.Popen:
     proc = subprocess.Popen(
         list(args),
         env=env,
         cwd=REPO,  # `python -c` children import `tests.factory` from the checkout
-        stdin=subprocess.DEVNULL,
+        stdin=stdin,
         stdout=stdout,
         stderr=stderr,
+        text=text,
         preexec_fn=_die_with_parent,
     )
     _live.add(proc)

@@ -17,7 +17,7 @@ from datetime import timedelta
 
 from prefect import get_client
 from prefect.automations import Automation
-from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
 from prefect.client.schemas.objects import StateType
 from prefect.events.actions import ChangeFlowRunState
 from prefect.events.schemas.automations import EventTrigger, Posture
@@ -53,6 +53,11 @@ def ensure_work_pool(name: str) -> str:
             f"work pool {name}: exists, of type {pool.type}; `dicom-router worker` serves "
             f"it all the same (to show it as {WORKER_TYPE}, delete it and run setup again)"
         )
+    template = RouterWorker.get_default_base_job_template()
+    if pool.base_job_template != template:  # a pool made by an earlier version
+        with get_client(sync_client=True) as client:
+            client.update_work_pool(name, WorkPoolUpdate(base_job_template=template))
+        return f"work pool {name}: exists; its job template updated"
     return f"work pool {name}: exists"
 
 

@@ -271,6 +271,31 @@ def test_two_workers_route_twenty_jobs_exactly_once(
     assert all(w.name in log for w in pool.workers)
 
 
+def test_setup_gives_a_pool_of_an_earlier_version_the_current_job_template(
+    prefect_server: PrefectServer,
+) -> None:
+    """Pools made while the pool had a job template (the server checked every run's job
+    variables against it) lose it when setup runs again."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.workers.base import BaseWorker
+
+    from flows.service import ensure_work_pool
+    from flows.worker import WORKER_TYPE, RouterWorker
+
+    earlier = BaseWorker.get_default_base_job_template.__func__(RouterWorker)  # type: ignore[attr-defined]
+    assert earlier["variables"]["properties"]
+    with prefect_server.client() as client:
+        client.create_work_pool(
+            WorkPoolCreate(name="earlier-pool", type=WORKER_TYPE, base_job_template=earlier)
+        )
+    with prefect_server.settings():
+        assert ensure_work_pool("earlier-pool").endswith("its job template updated")
+        assert ensure_work_pool("earlier-pool") == "work pool earlier-pool: exists"
+    with prefect_server.client() as client:
+        pool = client.read_work_pool("earlier-pool")
+    assert pool.base_job_template == {}
+
+
 def test_setup_and_a_deployed_sweep(
     prefect_server: PrefectServer, pool: WorkPool, site: Site, scp: Callable[..., Any]
 ) -> None:
