@@ -327,18 +327,23 @@ class RouterWorker(BaseWorker[RouterJobConfiguration, RouterVariables, RouterWor
                         if event.event == CANCEL_EVENT:
                             self._cancel_in_flight(run_id)
                         else:
-                            await self._take(run_id)
+                            try:
+                                await self._take(run_id)
+                            except Exception as exc:  # the poll takes it instead
+                                self._logger.warning("taking run %s failed: %s", run_id, exc)
+                                self.wake()
             except Exception as exc:  # the base poll covers the gap
                 self._logger.warning("event subscription lost (%s); resubscribing in 5 s", exc)
                 await anyio.sleep(5)
 
     async def _take(self, flow_run_id: str) -> None:
-        """Submit the run an event names, read by its id; a poll for what is not due yet.
+        """Submit the run an event names, read by its id, as a poll would have.
 
         A poll costs the server its query and two background jobs (the pool's queues
-        and deployments marked as polled, `prefect/server/api/workers.py`): ~25 ms of
-        server CPU per run, three times what reading the one run costs. The base poll
-        still runs every `PREFECT_WORKER_QUERY_SECONDS`, and keeps them marked ready.
+        and deployments marked as polled, `prefect/server/api/workers.py`): about 20 ms
+        of its CPU (py-spy), two to three times what reading one run costs. The base poll
+        still runs every `PREFECT_WORKER_QUERY_SECONDS`, keeps them marked ready, and
+        takes a run that is not due yet (a retry's delay) when it is.
         """
         from prefect.client.schemas.responses import WorkerFlowRunResponse
 
@@ -347,12 +352,7 @@ class RouterWorker(BaseWorker[RouterJobConfiguration, RouterVariables, RouterWor
         if int(self.limiter.available_tokens) <= 0 or self._work_pool is None:
             self._backlog = True
             return
-        try:
-            flow_run = await self.client.read_flow_run(UUID(flow_run_id))
-        except Exception as exc:  # a poll finds it if it is ours
-            self._logger.debug("reading flow run %s failed (%s); polling", flow_run_id, exc)
-            self.wake()
-            return
+        flow_run = await self.client.read_flow_run(UUID(flow_run_id))
         state = flow_run.state
         due = datetime.now(timezone.utc) + timedelta(seconds=self._prefetch_seconds)
         scheduled = state.state_details.scheduled_time if state is not None else None
@@ -362,10 +362,8 @@ class RouterWorker(BaseWorker[RouterJobConfiguration, RouterVariables, RouterWor
             or flow_run.work_pool_id != self._work_pool.id
             or flow_run.work_queue_id is None
             or (self._work_queues and flow_run.work_queue_name not in self._work_queues)
+            or (scheduled is not None and scheduled > due)
         ):
-            return
-        if scheduled is not None and scheduled > due:  # a retry's delay: the poll takes it
-            self.wake()
             return
         await self._submit_scheduled_flow_runs(
             [
