@@ -51,7 +51,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -182,19 +181,6 @@ def small_job(base: Path, name: str, images: int = 5) -> Path:
     return job
 
 
-@contextlib.contextmanager
-def server_logging(level: str) -> Iterator[None]:
-    saved = SERVER_SETTINGS.get("PREFECT_SERVER_LOGGING_LEVEL")
-    SERVER_SETTINGS["PREFECT_SERVER_LOGGING_LEVEL"] = level
-    try:
-        yield
-    finally:
-        if saved is None:
-            SERVER_SETTINGS.pop("PREFECT_SERVER_LOGGING_LEVEL")
-        else:
-            SERVER_SETTINGS["PREFECT_SERVER_LOGGING_LEVEL"] = saved
-
-
 def timed(cmd: list[str], env: dict[str, str], log: Path) -> float:
     """Wall time of `cmd`, a child in a process group of its own, stopped with the bench;
     what it leaves running (its ephemeral API) is a bug, and stops the bench."""
@@ -306,8 +292,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stack.callback(stop_postgres, pg)
         # logging as the unit leaves it (Prefect's default, WARNING): at the tests' INFO
         # the server writes a line per request and per event an automation covers
-        with server_logging("WARNING"):
-            server = start_prefect_server(base / "prefect", pg.url())
+        as_unit = {**SERVER_SETTINGS, "PREFECT_SERVER_LOGGING_LEVEL": "WARNING"}
+        server = start_prefect_server(base / "prefect", pg.url(), settings=as_unit)
         stack.callback(server.stop)
         server_pid = server.service.process.pid
         served = {**server.env(base / "cli-home"), **router}

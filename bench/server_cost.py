@@ -53,17 +53,11 @@ SETTLE_SECONDS = 7.0
 
 def measure(server_env: dict[str, str], args: argparse.Namespace, base: Path) -> dict[str, float]:
     """ms of server CPU per call, by kind, against one server started with `server_env`."""
-    import tests.fixtures_prefect as fixtures
-
-    saved = dict(fixtures.SERVER_SETTINGS)
-    fixtures.SERVER_SETTINGS.clear()
-    fixtures.SERVER_SETTINGS.update(server_env)
     with contextlib.ExitStack() as stack:
-        stack.callback(fixtures.SERVER_SETTINGS.update, saved)
         (base / "pg").mkdir(parents=True)
         pg = start_postgres(base / "pg")
         stack.callback(stop_postgres, pg)
-        server = start_prefect_server(base / "prefect", pg.url())
+        server = start_prefect_server(base / "prefect", pg.url(), settings=server_env)
         stack.callback(server.stop)
         with server.settings():
             return _calls(server.service.process.pid, args)

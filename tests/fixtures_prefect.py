@@ -803,11 +803,15 @@ def _drain_workers() -> None:
 
 
 def start_prefect_server(
-    base: Path, database_url: str | None = None, auth: str | None = None
+    base: Path,
+    database_url: str | None = None,
+    auth: str | None = None,
+    settings: Mapping[str, str] | None = None,
 ) -> PrefectServer:
     """`prefect server start` on 127.0.0.1 and a free port; returns once /api/health answers.
 
     `database_url` None: SQLite in the server's PREFECT_HOME (fine for one run at a time).
+    `settings`: the server process's settings instead of SERVER_SETTINGS (the benches).
     Most of the start-up is importing the server (~7 s of CPU: pydantic schemas), not
     migrations.
     """
@@ -819,7 +823,7 @@ def start_prefect_server(
         api_url = f"http://{HOST}:{port}/api"
         env = _clean_env(
             {
-                **SERVER_SETTINGS,
+                **(SERVER_SETTINGS if settings is None else settings),
                 "PREFECT_HOME": str(home),
                 "PREFECT_API_DATABASE_CONNECTION_URL": database_url,
                 "PREFECT_API_URL": api_url,
