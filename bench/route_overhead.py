@@ -34,9 +34,12 @@ warm worker minus the plain path's, which adds what the server and the worker's 
 threads take from the send's CPU meanwhile.
 
 Medians, and ratios to the plain path. The server is `prefect server` on a throwaway
-PostgreSQL, as the service tests start it.
+PostgreSQL, as the service tests start it, on the interpreter `--server-python` names
+(default: the checkout's `.server-venv`, as `deployments/install-server.sh` makes a
+site's, when it exists); the first line of the output says which.
 
-    python bench/route_overhead.py [--runs 5] [--files 1500] [--burst 500] [--rounds 2] [--json]
+    python bench/route_overhead.py [--runs 5] [--files 1500] [--burst 500] [--rounds 2]
+                                   [--server-python PATH] [--json]
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ from tests.fixtures_prefect import (  # noqa: E402
     SERVER_SETTINGS,
     WorkPool,
     create_work_pool,
+    server_python,
+    server_runtime,
     start_postgres,
     start_prefect_server,
     stop_postgres,
@@ -244,6 +249,12 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=500, help="jobs announced at once")
     parser.add_argument("--rounds", type=int, default=2, help="bursts, one after the other")
     parser.add_argument("--limit", type=int, default=8, help="the warm worker's --limit")
+    parser.add_argument(
+        "--server-python",
+        default=server_python(),
+        help="the interpreter of `prefect server` (default: the checkout's .server-venv, as "
+        "deployments/install-server.sh makes it, else this one)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -293,9 +304,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # logging as the unit leaves it (Prefect's default, WARNING): at the tests' INFO
         # the server writes a line per request and per event an automation covers
         as_unit = {**SERVER_SETTINGS, "PREFECT_SERVER_LOGGING_LEVEL": "WARNING"}
-        server = start_prefect_server(base / "prefect", pg.url(), settings=as_unit)
+        server = start_prefect_server(
+            base / "prefect", pg.url(), settings=as_unit, python=args.server_python
+        )
         stack.callback(server.stop)
         server_pid = server.service.process.pid
+        figures["server"] = str(server_runtime(server_pid))
         served = {**server.env(base / "cli-home"), **router}
         with_server = {
             size: cli_runs(job, served, logs / "cli-server.log", args.runs + 1, "--in-process")[1:]
@@ -506,7 +520,10 @@ def wait_routed(jobs: list[Path], rss: dict[str, float], before: int, worker: in
 def render(f: dict[str, Any]) -> str:
     sizes = [s for s in ("small", "big") if s in f["modes"]["plain"]]
     label = {"small": f"{f['small']} images", "big": f"{f['files']} images"}
-    lines = [f"medians of {f['runs']} runs; × plain = median / plain path's median"]
+    lines = [
+        f"prefect server: {f['server']}",
+        f"medians of {f['runs']} runs; × plain = median / plain path's median",
+    ]
     head = f"{'mode':<44}" + "".join(f"{label[s]:>14}{'× plain':>9}" for s in sizes)
     lines.append(head)
     what = {

@@ -97,6 +97,54 @@ SERVER_SETTINGS: dict[str, str] = {
 }
 """Server process settings; its services stay on (the task run recorder writes task runs)."""
 
+SERVER_PYTHON_VAR = "DICOM_ROUTER_TEST_SERVER_PYTHON"
+SERVER_VENV = REPO_ROOT / ".server-venv"
+
+
+def server_python() -> str:
+    """The interpreter `prefect server start` runs on. A site's server has a virtualenv of
+    its own (deployments/install-server.sh; scripts/test makes `.server-venv` and names it
+    in DICOM_ROUTER_TEST_SERVER_PYTHON); without one, the tests' own."""
+    if named := os.environ.get(SERVER_PYTHON_VAR):
+        return named
+    venv = SERVER_VENV / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+@dataclass(frozen=True)
+class ServerRuntime:
+    """What a running `prefect server` process runs on."""
+
+    interpreter: str
+    python: str
+    prefect: str
+    uvloop: bool
+    httptools: bool
+
+    def __str__(self) -> str:
+        extras = [name for name in ("uvloop", "httptools") if getattr(self, name)]
+        return (
+            f"Python {self.python}, prefect {self.prefect}"
+            + "".join(f", {e}" for e in extras)
+            + f" ({self.interpreter})"
+        )
+
+
+def server_runtime(pid: int) -> ServerRuntime:
+    """Its interpreter from its command line, the versions from that interpreter, uvloop
+    and httptools from the shared objects mapped in the process (uvicorn's `loop="auto"`
+    takes them when they are installed)."""
+    interpreter = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    probe = "import platform, prefect; print(platform.python_version(), prefect.__version__)"
+    python, prefect_version = subprocess.run(
+        [interpreter, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.split()
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return ServerRuntime(
+        interpreter, python, prefect_version, "/uvloop/loop." in maps, "/httptools/" in maps
+    )
+
+
 WORKER_SETTINGS: dict[str, str] = {
     "PREFECT_WORKER_QUERY_SECONDS": "1",
     "PREFECT_RUNNER_AUTO_INSTALL_DEPENDENCIES": "false",
@@ -807,17 +855,20 @@ def start_prefect_server(
     database_url: str | None = None,
     auth: str | None = None,
     settings: Mapping[str, str] | None = None,
+    python: str | None = None,
 ) -> PrefectServer:
     """`prefect server start` on 127.0.0.1 and a free port; returns once /api/health answers.
 
     `database_url` None: SQLite in the server's PREFECT_HOME (fine for one run at a time).
     `settings`: the server process's settings instead of SERVER_SETTINGS (the benches).
+    `python`: its interpreter (default `server_python()`).
     Most of the start-up is importing the server (~7 s of CPU: pydantic schemas), not
     migrations.
     """
     home = base / "server-home"
     home.mkdir(parents=True)
     database_url = database_url or f"sqlite+aiosqlite:///{home / 'prefect.db'}"
+    interpreter = python or server_python()
     for attempt in range(3):
         port = free_port()
         api_url = f"http://{HOST}:{port}/api"
@@ -830,7 +881,7 @@ def start_prefect_server(
                 **({"PREFECT_SERVER_API_AUTH_STRING": auth} if auth else {}),
             }
         )
-        cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port"]
+        cmd = [interpreter, "-m", "prefect", "server", "start", "--host", HOST, "--port"]
         start = time.monotonic()
         service = spawn("prefect server", [*cmd, str(port)], base / "server.log", env, cwd=base)
         server = PrefectServer(api_url, port, home, database_url, service, auth=auth)
@@ -1139,10 +1190,24 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
             report.sections.append((f"{service.name} log", _tail(text)))
 
 
+def pytest_report_header() -> str:
+    """Which interpreter the Prefect servers run on (a site runs its own, on 3.13 or newer)."""
+    python = server_python()
+    probe = "import platform, prefect; print(platform.python_version(), prefect.__version__)"
+    try:
+        found = subprocess.run(
+            [python, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+        ).stdout.split()
+        return f"prefect server: {python} (Python {found[0]}, prefect {found[1]})"
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+        return f"prefect server: {python} (cannot run it: {exc})"
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """Print the timings measured (server start, pickup latency...) in the summary."""
     if TIMINGS:
         terminalreporter.section("Prefect service timings")
+        terminalreporter.write_line(pytest_report_header())
         for what, seconds in TIMINGS:
             terminalreporter.write_line(f"{seconds:8.2f} s  {what}")
 

@@ -9,7 +9,10 @@ a worker leaves no process behind. Timings go to the terminal summary.
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,11 +24,13 @@ from router.record import read_status
 from tests.factory import dicom_file, write_job
 from tests.fixtures_dcmtk import StoreSCP
 from tests.fixtures_prefect import (
+    REPO_ROOT,
     Postgres,
     PrefectServer,
     WorkPool,
     marked_processes,
     record_timing,
+    server_runtime,
     work_pools,
 )
 
@@ -214,3 +219,30 @@ def test_postgres_cluster(postgres: Postgres) -> None:
         asyncio.run(
             asyncpg.connect(url.replace(postgres.password, "wrong").replace("+asyncpg", ""))
         )
+
+
+def test_the_server_runs_as_install_server_sets_it_up(prefect_server: PrefectServer) -> None:
+    """The session's server runs on the virtualenv deployments/install-server.sh made: the
+    router's Prefect release, on the Python the script takes (3.13 or newer where the host
+    has one: Prefect's datetimes are then the standard library's, not pendulum's), uvicorn
+    on uvloop and httptools."""
+    import prefect
+
+    found = server_runtime(prefect_server.service.process.pid)
+    assert found.prefect == prefect.__version__, f"server {found}, router {prefect.__version__}"
+    script = REPO_ROOT / "deployments" / "install-server.sh"
+    taken = subprocess.run(
+        [str(script), "--which-python"],
+        env={**os.environ, "ROUTER_PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    version = "import platform; print(platform.python_version())"
+    wanted = subprocess.run([taken, "-c", version], capture_output=True, text=True, check=True)
+    assert found.python == wanted.stdout.strip(), (
+        f"install-server.sh takes {taken}, the server runs {found}: run scripts/test, or "
+        "deployments/install-server.sh .server-venv"
+    )
+    assert found.uvloop, f"uvicorn runs on asyncio's own loop, not uvloop: {found}"
+    assert found.httptools, f"uvicorn parses HTTP with h11, not httptools: {found}"
