@@ -14,7 +14,7 @@
 # python3.13, python3.14, python3 and pyenv's builds; else the router's, with a warning;
 # `--which-python` prints the one it would take). The server gets the Prefect release of
 # ROUTER_PYTHON (default: this checkout's .venv, else python3), or PREFECT_VERSION when it
-# is set: the workers and the server must run the same one.
+# is set: the workers and the server should run the same one, as the tests do.
 # Run again after upgrading the router's Prefect: a venv already current is left alone.
 set -euo pipefail
 usage="usage: install-server.sh VENV [PYTHON] | install-server.sh --which-python"
@@ -22,8 +22,8 @@ venv=${1:?$usage}
 python=${2:-}
 here=$(cd "$(dirname "$0")/.." && pwd)
 
-usable() { # a Python 3.13 or newer that makes virtualenvs
-    "$1" -c 'import sys, venv; sys.exit(sys.version_info < (3, 13))' 2>/dev/null
+usable() { # a Python 3.13 or newer that makes virtualenvs (Debian: python3-venv)
+    "$1" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 13))' 2>/dev/null
 }
 
 router_python=${ROUTER_PYTHON:-}
@@ -73,7 +73,11 @@ print(platform.python_version(), "prefect==" + prefect.__version__)' 2>/dev/null
     exit 0
 fi
 
-"$python" -m venv --clear "$venv"
+"$python" -m venv --clear "$venv" || {
+    echo "error: $python could not make the virtualenv $venv (on Debian's Python:" \
+        "apt-get install python3-venv)" >&2
+    exit 1
+}
 PIP_ROOT_USER_ACTION=ignore "$venv/bin/python" -m pip install -q --disable-pip-version-check \
     "prefect==$version" uvloop httptools
 echo "$venv: Python $python_version, prefect $version, uvloop, httptools"

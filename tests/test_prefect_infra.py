@@ -25,6 +25,7 @@ from tests.factory import dicom_file, write_job
 from tests.fixtures_dcmtk import StoreSCP
 from tests.fixtures_prefect import (
     REPO_ROOT,
+    SERVER_VENV,
     Postgres,
     PrefectServer,
     WorkPool,
@@ -246,3 +247,34 @@ def test_the_server_runs_as_install_server_sets_it_up(prefect_server: PrefectSer
     )
     assert found.uvloop, f"uvicorn runs on asyncio's own loop, not uvloop: {found}"
     assert found.httptools, f"uvicorn parses HTTP with h11, not httptools: {found}"
+
+
+def test_install_server_names_what_is_missing_and_leaves_a_current_venv_alone(
+    tmp_path: Path,
+) -> None:
+    """Without the router's Prefect the script says what to do and makes nothing; run again
+    over the virtualenv scripts/test made, it finds it current and installs nothing."""
+    script = str(REPO_ROOT / "deployments" / "install-server.sh")
+    venv = tmp_path / "server-venv"
+    missing = subprocess.run(
+        [script, str(venv)],
+        env={**os.environ, "ROUTER_PYTHON": str(tmp_path / "no-python")},
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 1
+    assert "has no Prefect: install the router first" in missing.stderr
+    assert "PREFECT_VERSION=X.Y.Z" in missing.stderr
+    assert not venv.exists()
+
+    assert SERVER_VENV.exists(), "run scripts/test, or deployments/install-server.sh .server-venv"
+    before = (SERVER_VENV / "pyvenv.cfg").stat().st_mtime_ns
+    again = subprocess.run(
+        [script, str(SERVER_VENV)],
+        env={**os.environ, "ROUTER_PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert again.stdout.strip().endswith("(current)"), again.stdout + again.stderr
+    assert (SERVER_VENV / "pyvenv.cfg").stat().st_mtime_ns == before
