@@ -7,8 +7,7 @@
 # the server spends about a fifth of its CPU in them (every timestamp of every event it
 # writes); from 3.13 on they are the standard library's. uvicorn runs on uvloop and
 # parses HTTP with httptools when they are installed (its `loop="auto"`, which
-# `prefect server start` keeps). Figures: bench/README.md (route_overhead.py
-# --server-python).
+# `prefect server start` keeps). Figures: bench/README.md (server_python.py).
 #
 # PYTHON: the interpreter for the server (default: the first Python 3.13 or newer of
 # python3.13, python3.14, python3 and pyenv's builds; else the router's, with a warning;

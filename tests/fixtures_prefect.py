@@ -130,15 +130,21 @@ class ServerRuntime:
         )
 
 
+def python_and_prefect(interpreter: str) -> tuple[str, str]:
+    """The Python and Prefect versions of `interpreter`."""
+    probe = "import platform, prefect; print(platform.python_version(), prefect.__version__)"
+    python, prefect_version = subprocess.run(
+        [interpreter, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.split()
+    return python, prefect_version
+
+
 def server_runtime(pid: int) -> ServerRuntime:
     """Its interpreter from its command line, the versions from that interpreter, uvloop
     and httptools from the shared objects mapped in the process (uvicorn's `loop="auto"`
     takes them when they are installed)."""
     interpreter = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
-    probe = "import platform, prefect; print(platform.python_version(), prefect.__version__)"
-    python, prefect_version = subprocess.run(
-        [interpreter, "-c", probe], capture_output=True, text=True, check=True, timeout=60
-    ).stdout.split()
+    python, prefect_version = python_and_prefect(interpreter)
     maps = Path(f"/proc/{pid}/maps").read_text()
     return ServerRuntime(
         interpreter, python, prefect_version, "/uvloop/loop." in maps, "/httptools/" in maps
@@ -1193,14 +1199,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
 def pytest_report_header() -> str:
     """Which interpreter the Prefect servers run on (a site runs its own, on 3.13 or newer)."""
     python = server_python()
-    probe = "import platform, prefect; print(platform.python_version(), prefect.__version__)"
     try:
-        found = subprocess.run(
-            [python, "-c", probe], capture_output=True, text=True, timeout=60, check=True
-        ).stdout.split()
-        return f"prefect server: {python} (Python {found[0]}, prefect {found[1]})"
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+        version, prefect_version = python_and_prefect(python)
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
         return f"prefect server: {python} (cannot run it: {exc})"
+    return f"prefect server: {python} (Python {version}, prefect {prefect_version})"
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
