@@ -76,6 +76,7 @@ from route_throughput import (  # noqa: E402
 from flows.service import ensure_crash_automation  # noqa: E402
 from tests.fixtures_prefect import (  # noqa: E402
     SERVER_SETTINGS,
+    PrefectServer,
     WorkPool,
     create_work_pool,
     server_python,
@@ -125,6 +126,31 @@ print(json.dumps(out))
 """
 """The send task's own cost: its wall time (the record's `send seconds`) minus the time in
 its C-STOREs (`attempt_once`), flow runs in one warm process against the server."""
+
+
+AS_UNIT = {**SERVER_SETTINGS, "PREFECT_SERVER_LOGGING_LEVEL": "WARNING"}
+"""The server's settings as the unit leaves them: logging at Prefect's default, WARNING (at
+the tests' INFO the server writes a line per request and per event an automation covers)."""
+
+
+def warm_pool(
+    stack: contextlib.ExitStack,
+    server: PrefectServer,
+    base: Path,
+    name: str,
+    env: dict[str, str],
+    limit: int,
+) -> WorkPool:
+    """A `dicom-router worker` pool as `dicom-router setup` makes it (with the crash
+    automation), the `route-job` deployment on it, and one warm worker serving it; stopped
+    with `stack`."""
+    pool = WorkPool(create_work_pool(server, name, warm=True), server, base, warm=True)
+    stack.callback(pool.stop)
+    with server.settings():
+        ensure_crash_automation(pool.name, 60.0)
+    server.cli("deploy", "--name", "route-job", "--pool", pool.name)
+    pool.start_workers(1, limit=limit, env=env)
+    return pool
 
 
 def cpu_seconds(pid: int) -> float:
@@ -301,11 +327,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         (base / "pg").mkdir()
         pg = start_postgres(base / "pg")
         stack.callback(stop_postgres, pg)
-        # logging as the unit leaves it (Prefect's default, WARNING): at the tests' INFO
-        # the server writes a line per request and per event an automation covers
-        as_unit = {**SERVER_SETTINGS, "PREFECT_SERVER_LOGGING_LEVEL": "WARNING"}
         server = start_prefect_server(
-            base / "prefect", pg.url(), settings=as_unit, python=args.server_python
+            base / "prefect", pg.url(), settings=AS_UNIT, python=args.server_python
         )
         stack.callback(server.stop)
         server_pid = server.service.process.pid
@@ -321,13 +344,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for size, job in jobs.items()
         }
 
-        warm_pool = WorkPool(create_work_pool(server, "warm", warm=True), server, base, warm=True)
-        stack.callback(warm_pool.stop)
-        with server.settings():  # as `dicom-router setup` creates it, with the pool
-            ensure_crash_automation(warm_pool.name, 60.0)
-        server.cli("deploy", "--name", "route-job", "--pool", warm_pool.name)
-        warm_pool.start_workers(1, limit=args.limit, env=router)
-        worker_pid = warm_pool.workers[0].service.process.pid
+        served_pool = warm_pool(stack, server, base, "warm", router, args.limit)
+        worker_pid = served_pool.workers[0].service.process.pid
         announcer = Announcer(served, logs / "announcer.log")
         stack.callback(announcer.close)
         warm = {
@@ -350,7 +368,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         process_pool.stop()
 
         if args.burst:
-            figures["burst"] = burst(args, base, warm_pool, announcer, worker_pid, server_pid)
+            figures["burst"] = burst(args, base, served_pool, announcer, worker_pid, server_pid)
     figures["modes"] = {
         "plain": plain,
         "cli ephemeral": ephemeral,

@@ -32,19 +32,17 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from route_overhead import (  # noqa: E402
+    AS_UNIT,
     Announcer,
     cpu_seconds,
     last_stored,
     run_ended,
     small_job,
+    warm_pool,
 )
 from route_throughput import guarded, reset_record, storescp, write_config  # noqa: E402
 
-from flows.service import ensure_crash_automation  # noqa: E402
 from tests.fixtures_prefect import (  # noqa: E402
-    SERVER_SETTINGS,
-    WorkPool,
-    create_work_pool,
     server_python,
     server_runtime,
     start_postgres,
@@ -78,7 +76,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     base.chmod(0o755)  # PostgreSQL runs as its own user when we are root
     logs = base / "logs"
     logs.mkdir()
-    as_unit = {**SERVER_SETTINGS, "PREFECT_SERVER_LOGGING_LEVEL": "WARNING"}
     with contextlib.ExitStack() as stack:
         port = stack.enter_context(storescp(131072, logs))
         config = write_config(base / "routing.json", port)
@@ -95,16 +92,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             home = base / side
             home.mkdir()
             server = start_prefect_server(
-                home / "prefect", pg.create_database(side), settings=as_unit, python=python
+                home / "prefect", pg.create_database(side), settings=AS_UNIT, python=python
             )
             stack.callback(server.stop)
-            name = create_work_pool(server, f"warm-{side}", warm=True)
-            pool = WorkPool(name, server, home, warm=True)
-            stack.callback(pool.stop)
-            with server.settings():  # as `dicom-router setup` creates it
-                ensure_crash_automation(pool.name, 60.0)
-            server.cli("deploy", "--name", "route-job", "--pool", pool.name)
-            pool.start_workers(1, limit=8, env=router)
+            warm_pool(stack, server, home, f"warm-{side}", router, limit=8)
             announcer = Announcer({**server.env(home / "cli"), **router}, logs / f"{side}.log")
             stack.callback(announcer.close)
             sides[side] = {
