@@ -13,10 +13,12 @@ small job (5 images of 64x64, `--small`) and a big one (1,500 CT images of 512x5
    command creates the run, the worker routes it, the command prints its report.
 5. `warm worker`: `dicom-router worker` on a pool set up as `dicom-router setup` does it
    (with the automation that crashes the runs of a worker that stopped beating), the job
-   announced with `flows.notify.job_processed` (the `route-job` deployment's trigger
-   creates the run); announce → every instance stored (the last answer's time in the
-   job's record), and the CPU-seconds per job of the worker process (with its children)
-   and of the `prefect server` process (PostgreSQL separately).
+   announced from a warm process with `flows.notify.Announcer` (it creates the run);
+   announce → every instance stored (the last answer's time in the job's record), and the
+   CPU-seconds per job of the worker process (with its children) and of the `prefect
+   server` process (PostgreSQL separately). `warm worker, by event`: the small job
+   announced by the event `dicom.job.processed` instead, which the deployment's trigger
+   turns into the run (what a shell script's `prefect event emit` does).
 6. `process worker`: Prefect's `prefect worker start --type process` on a process pool
    of its own, the run created directly (no trigger): created → every instance stored.
 
@@ -89,10 +91,21 @@ from tests.fixtures_prefect import (  # noqa: E402
 SMALL_ROWS = 64
 ANNOUNCER = """\
 import sys, time
-from flows.notify import job_processed
-for line in sys.stdin:
-    job_processed(line.strip())
-    print(time.time(), flush=True)
+from prefect.events import emit_event
+from flows.notify import EVENT, Announcer, job_folder
+with Announcer() as announcer:
+    for line in sys.stdin:
+        how, _, job = line.rstrip("\\n").partition(" ")
+        if how == "event":  # as a shell script would: prefect event emit dicom.job.processed
+            path = job_folder(job)
+            emit_event(
+                event=EVENT,
+                resource={"prefect.resource.id": f"dicom.job.{path}"},
+                payload={"job_dir": str(path)},
+            )
+        else:
+            announcer.job_processed(job)
+        print(time.time(), flush=True)
 """
 
 SEND_COST = """\
@@ -239,11 +252,12 @@ class Announcer:
         cmd = [sys.executable, "-c", ANNOUNCER]
         self.proc = spawn(cmd, env, subprocess.PIPE, self.log, stdin=subprocess.PIPE, text=True)
 
-    def announce(self, job: Path) -> float:
-        """Announce; the epoch time just before the call."""
+    def announce(self, job: Path, how: str = "run") -> float:
+        """Announce ("run": `Announcer.job_processed`; "event": the event, for the
+        deployment's trigger); the epoch time just before the call."""
         start = time.time()
         assert self.proc.stdin and self.proc.stdout
-        self.proc.stdin.write(f"{job}\n")
+        self.proc.stdin.write(f"{how} {job}\n")
         self.proc.stdin.flush()
         self.proc.stdout.readline()
         return start
@@ -251,7 +265,7 @@ class Announcer:
     def many(self, jobs: list[Path]) -> float:
         assert self.proc.stdin and self.proc.stdout
         start = time.time()
-        self.proc.stdin.write("".join(f"{j}\n" for j in jobs))
+        self.proc.stdin.write("".join(f"run {j}\n" for j in jobs))
         self.proc.stdin.flush()
         for _ in jobs:
             self.proc.stdout.readline()
@@ -352,6 +366,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             size: warm_runs(job, counts[size], announcer, worker_pid, server_pid, args.runs)
             for size, job in jobs.items()
         }
+        by_event = {  # the small job only: what the trigger adds is per job, not per image
+            "small": warm_runs(
+                jobs["small"],
+                counts["small"],
+                announcer,
+                worker_pid,
+                server_pid,
+                args.runs,
+                how="event",
+            )
+        }
         on_worker = {
             size: cli_runs(job, served, logs / "cli-worker.log", args.runs + 1)[1:]
             for size, job in jobs.items()
@@ -375,10 +400,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cli server": with_server,
         "cli worker": on_worker,
         "warm worker": {s: w["latency"] for s, w in warm.items()},
+        "warm worker, by event": {s: w["latency"] for s, w in by_event.items()},
         "process worker": process,
     }
     figures["warm_cpu"] = {
         s: {k: v for k, v in w.items() if k not in ("latency", "send")} for s, w in warm.items()
+    }
+    figures["warm_cpu_by_event"] = {
+        s: {k: v for k, v in w.items() if k not in ("latency", "send")} for s, w in by_event.items()
     }
     figures["send_task_prefect_s"] = {s: median(v) for s, v in send_cost.items()}
     figures["send_warm_minus_plain_s"] = {
@@ -431,13 +460,13 @@ def send_seconds(job: Path) -> float:
 
 
 def warm_runs(
-    job: Path, n: int, announcer: Announcer, worker: int, server: int, runs: int
+    job: Path, n: int, announcer: Announcer, worker: int, server: int, runs: int, how: str = "run"
 ) -> dict[str, list[float]]:
     latency, worker_cpu, server_cpu, pg_cpu, send = [], [], [], [], []
     for i in range(runs + 1):  # the first warms the worker's caches
         reset_record(job)
         w0, s0, p0 = cpu_seconds(worker), cpu_seconds(server), postgres_cpu()
-        start = announcer.announce(job)
+        start = announcer.announce(job, how)
         stored = last_stored(job, n)
         run_ended(job)
         time.sleep(0.5)  # the run's final state, logs and events
@@ -550,11 +579,15 @@ def render(f: dict[str, Any]) -> str:
         "cli server": "dicom-router route, server, in process, wall",
         "cli worker": "dicom-router route, server + warm worker, wall",
         "warm worker": "warm worker, announce → all stored",
+        "warm worker, by event": "warm worker, by event → all stored",
         "process worker": "process worker, created → all stored",
     }
     for mode, runs in f["modes"].items():
         row = f"{what[mode]:<44}"
         for s in sizes:
+            if s not in runs:
+                row += f"{'-':>13}  {'-':>9}"
+                continue
             m, ref = median(runs[s]), median(f["modes"]["plain"][s])
             ratio = f"{m / ref:.2f}" if m is not None and ref else "-"
             row += f"{m if m is not None else '-':>13} s{ratio:>9}"
@@ -563,6 +596,11 @@ def render(f: dict[str, Any]) -> str:
         c = f["warm_cpu"][s]
         lines.append(
             f"warm worker CPU per job ({label[s]}): worker {median(c['worker'])} s, "
+            f"prefect server {median(c['server'])} s, postgres {median(c['postgres'])} s"
+        )
+    for s, c in f["warm_cpu_by_event"].items():
+        lines.append(
+            f"warm worker CPU per job, by event ({label[s]}): worker {median(c['worker'])} s, "
             f"prefect server {median(c['server'])} s, postgres {median(c['postgres'])} s"
         )
     for s in sizes:

@@ -1,9 +1,10 @@
 """Routing as a service: a real Prefect server on PostgreSQL, real warm workers.
 
 What a site relies on, end to end, with `dicom-router worker` as the README sets it up: a
-finished processing run triggers `route-job`; a job announced by an event is routed; a
-worker takes a run the moment it is scheduled, from the pool's events, not its poll; a
-failed run retried as the UI does sends only what is missing; a run cancelled as the UI
+finished processing run triggers `route-job`; a job announced from Python is routed by
+the run the call returns, and an announcement the server cannot take raises; a job
+announced by an event (`prefect event emit`) is routed; a worker takes a run the moment
+it is scheduled, from the pool's events, not its poll; a failed run retried as the UI does sends only what is missing; a run cancelled as the UI
 does stops between C-STOREs with its record true; a run that raises fails alone; a
 deployed sweep fans the pending jobs out to the workers; two workers routing 20 jobs from
 one folder deliver every instance exactly once, hold the per-job lock and the
@@ -126,20 +127,112 @@ def test_a_finished_processing_run_triggers_routing(
     assert uids(job) == uids(job, "INPUT")  # the example computation copies its input
 
 
-def test_a_job_announced_by_event_is_routed(
+ANNOUNCE = """\
+import json, sys
+from flows.notify import job_processed
+run = job_processed(sys.argv[1])
+print(json.dumps({"id": str(run.id), "name": run.name}))
+"""
+
+
+def test_a_job_announced_from_python_is_routed_by_the_run_it_returns(
     prefect_server: PrefectServer, pool: WorkPool, site: Site, storescp: Callable[..., Any]
 ) -> None:
     pacs = storescp("PACS")
     site.route_to(pacs.port, "PACS")
     job = site.base / "jobs" / "announced-0001"
     write_job(job, n_output=2, n_input=0)
-    code = "import sys; from flows.notify import job_processed; job_processed(sys.argv[1])"
-    subprocess.run(
-        [sys.executable, "-c", code, str(job)],
+    done = subprocess.run(
+        [sys.executable, "-c", ANNOUNCE, str(job)],
         cwd=REPO_ROOT,
         env=prefect_server.env(),
         check=True,
         timeout=60,
+        capture_output=True,
+        text=True,
+    )
+    announced = json.loads(done.stdout.strip().splitlines()[-1])
+    [routed] = route_runs_for(prefect_server, job, 180, pool)
+    assert str(routed.id) == announced["id"]  # the run it returned is the one that routed
+    assert routed.state.is_completed(), routed.state.message
+    assert routed.name == "announced-0001"
+    assert pacs.received() == {uid: 1 for uid in uids(job)}
+
+
+def test_an_announcement_the_server_cannot_take_raises_and_creates_nothing(
+    prefect_server: PrefectServer, pool: WorkPool, site: Site
+) -> None:
+    job = site.base / "jobs" / "unannounced-0001"
+    write_job(job, n_output=1, n_input=0)
+    code = (
+        "import sys; from flows.notify import job_processed; "
+        "job_processed(sys.argv[1], deployment='route-job/no-such-deployment')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(job)],
+        cwd=REPO_ROOT,
+        env=prefect_server.env(),
+        timeout=60,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1
+    assert (
+        "AnnounceError: deployment 'route-job/no-such-deployment' not found on "
+        f"{prefect_server.api_url}" in done.stderr
+    ), done.stderr
+    (job / "proc.json").unlink()
+    done = subprocess.run(
+        [sys.executable, "-c", ANNOUNCE, str(job)],
+        cwd=REPO_ROOT,
+        env=prefect_server.env(),
+        timeout=60,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1
+    assert f"FileNotFoundError: {job}: write proc.json before announcing the job" in done.stderr
+    with prefect_server.client() as client:
+        runs = client.read_flow_runs()
+    assert not [r for r in runs if r.parameters.get("job_dir") == str(job)]
+
+
+def test_a_run_with_a_bad_parameter_ends_invalid_naming_it_and_sends_nothing(
+    prefect_server: PrefectServer, pool: WorkPool, site: Site, storescp: Callable[..., Any]
+) -> None:
+    """The deployment leaves the parameters' check to the run (prefect.yaml): a `force`
+    that is not a boolean must not pass as true."""
+    pacs = storescp("PACS")
+    site.route_to(pacs.port, "PACS")
+    job = site.base / "jobs" / "bad-parameter-0001"
+    write_job(job, n_output=2, n_input=0)
+    run = prefect_server.run_deployment(ROUTE, {"job_dir": str(job), "force": "maybe"})
+    done = prefect_server.wait_for_flow_runs([run.id], timeout=60, pool=pool)[run.id]
+    assert done.state.is_failed() and done.state.name == "Invalid", done.state
+    assert done.state.message == (
+        "invalid parameters: force: Input should be a valid boolean, unable to interpret "
+        "input (got 'maybe')"
+    )
+    assert not (job / RECORD).exists()
+    assert pacs.received() == {}
+
+
+def test_a_job_announced_by_event_is_routed(
+    prefect_server: PrefectServer, pool: WorkPool, site: Site, storescp: Callable[..., Any]
+) -> None:
+    """What a shell script does: the deployment's trigger turns the event into the run."""
+    pacs = storescp("PACS")
+    site.route_to(pacs.port, "PACS")
+    job = site.base / "jobs" / "announced-by-event-0001"
+    write_job(job, n_output=2, n_input=0)
+    prefect_server.cli(
+        "event",
+        "emit",
+        "dicom.job.processed",
+        "--resource-id",
+        f"dicom.job.{job}",
+        "--payload",
+        json.dumps({"job_dir": str(job)}),
     )
     [routed] = route_runs_for(prefect_server, job, 180, pool)
     assert routed.state.is_completed(), routed.state.message
@@ -193,7 +286,11 @@ def test_an_event_naming_a_folder_outside_the_jobs_root_is_refused(
     outside = site.base.parent / f"{site.base.name}-outside" / "scans"
     write_job(outside, n_output=2, n_input=0)
     asked = site.base / "jobs" / ".." / ".." / outside.parent.name / "scans"  # .. out of it
-    code = "import sys; from flows.notify import job_processed; job_processed(sys.argv[1])"
+    code = (
+        "import sys; from prefect.events import emit_event; "
+        "emit_event(event='dicom.job.processed', resource={'prefect.resource.id': 'x'}, "
+        "payload={'job_dir': sys.argv[1]})"
+    )
     subprocess.run(
         [sys.executable, "-c", code, str(asked)],
         cwd=REPO_ROOT,
