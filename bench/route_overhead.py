@@ -10,7 +10,9 @@ small job (5 images of 64x64, `--small`) and a big one (1,500 CT images of 512x5
 3. `cli server`: the same with PREFECT_API_URL pointing at a running server, the flow run
    in the command (`--in-process`, as without a routing worker online).
 4. `cli worker`: the same once a warm worker serves the route-job deployment's pool: the
-   command creates the run, the worker routes it, the command prints its report.
+   command creates the run, the worker routes it, the command prints its report. Each run
+   follows a plain-path run, and the median of the differences is printed too: the plain
+   runs of row 1 come before PostgreSQL and the server exist, these with both up.
 5. `warm worker`: `dicom-router worker` on a pool set up as `dicom-router setup` does it
    (with the automation that crashes the runs of a worker that stopped beating), the job
    announced from a warm process with `flows.notify.Announcer` (it creates the run);
@@ -377,10 +379,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 how="event",
             )
         }
-        on_worker = {
-            size: cli_runs(job, served, logs / "cli-worker.log", args.runs + 1)[1:]
-            for size, job in jobs.items()
-        }
+        on_worker, paired = {}, {}
+        for size, job in jobs.items():
+            cli_runs(job, served, logs / "cli-worker.log", 1)  # the first warms the worker
+            pairs = [
+                (
+                    plain_runs(job, config, base, logs, 1, {})[0],
+                    cli_runs(job, served, logs / "cli-worker.log", 1)[0],
+                )
+                for _ in range(args.runs)
+            ]
+            on_worker[size] = [c for _, c in pairs]
+            paired[size] = [round(c - p, 3) for p, c in pairs]
 
         process_pool = WorkPool(create_work_pool(server, "process"), server, base)
         stack.callback(process_pool.stop)
@@ -409,6 +419,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     figures["warm_cpu_by_event"] = {
         s: {k: v for k, v in w.items() if k not in ("latency", "send")} for s, w in by_event.items()
     }
+    figures["cli_worker_minus_plain_paired_s"] = {s: median(v) for s, v in paired.items()}
     figures["send_task_prefect_s"] = {s: median(v) for s, v in send_cost.items()}
     figures["send_warm_minus_plain_s"] = {
         s: round(median(warm[s]["send"]) - median(plain_sends[jobs[s].name]), 3) for s in warm
@@ -598,6 +609,11 @@ def render(f: dict[str, Any]) -> str:
             f"warm worker CPU per job ({label[s]}): worker {median(c['worker'])} s, "
             f"prefect server {median(c['server'])} s, postgres {median(c['postgres'])} s"
         )
+    lines.append(
+        "dicom-router route, server + warm worker, minus the plain path run just before it "
+        "(the server and the worker up for both): "
+        + ", ".join(f"{f['cli_worker_minus_plain_paired_s'][s]:+} s ({label[s]})" for s in sizes)
+    )
     for s, c in f["warm_cpu_by_event"].items():
         lines.append(
             f"warm worker CPU per job, by event ({label[s]}): worker {median(c['worker'])} s, "
