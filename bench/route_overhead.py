@@ -18,7 +18,9 @@ small job (5 images of 64x64, `--small`) and a big one (1,500 CT images of 512x5
    announced from a warm process with `flows.notify.Announcer` (it creates the run);
    announce → every instance stored (the last answer's time in the job's record), and the
    CPU-seconds per job of the worker process (with its children) and of the `prefect
-   server` process (PostgreSQL separately). `warm worker, by event`: the small job
+   server` process (PostgreSQL separately); beside the server's, what it is above the
+   server's idle rate (10 s with nothing to do, measured first: its own loops) over each
+   job's measuring window. `warm worker, by event`: the small job
    announced by the event `dicom.job.processed` instead, which the deployment's trigger
    turns into the run (what a shell script's `prefect event emit` does).
 6. `process worker`: Prefect's `prefect worker start --type process` on a process pool
@@ -364,6 +366,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         worker_pid = served_pool.workers[0].service.process.pid
         announcer = Announcer(served, logs / "announcer.log")
         stack.callback(announcer.close)
+        time.sleep(2)
+        figures["server_idle_cpu_per_s"] = idle_rate(server_pid)
         warm = {
             size: warm_runs(job, counts[size], announcer, worker_pid, server_pid, args.runs)
             for size, job in jobs.items()
@@ -413,12 +417,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "warm worker, by event": {s: w["latency"] for s, w in by_event.items()},
         "process worker": process,
     }
-    figures["warm_cpu"] = {
-        s: {k: v for k, v in w.items() if k not in ("latency", "send")} for s, w in warm.items()
-    }
-    figures["warm_cpu_by_event"] = {
-        s: {k: v for k, v in w.items() if k not in ("latency", "send")} for s, w in by_event.items()
-    }
+    idle = figures["server_idle_cpu_per_s"]
+    figures["warm_cpu"] = {s: cpu_figures(w, idle) for s, w in warm.items()}
+    figures["warm_cpu_by_event"] = {s: cpu_figures(w, idle) for s, w in by_event.items()}
     figures["cli_worker_minus_plain_paired_s"] = {s: median(v) for s, v in paired.items()}
     figures["send_task_prefect_s"] = {s: median(v) for s, v in send_cost.items()}
     figures["send_warm_minus_plain_s"] = {
@@ -427,6 +428,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     figures["logs"] = str(logs)
     shutil.rmtree(base / "jobs", ignore_errors=True)
     return figures
+
+
+def cpu_figures(warm: dict[str, list[float]], idle: float) -> dict[str, list[float]]:
+    """CPU per job, and the server's above what it spends idle over the same time."""
+    cpu = {k: warm[k] for k in ("worker", "server", "postgres")}
+    pairs = zip(warm["server"], warm["window"], strict=True)
+    cpu["server_above_idle"] = [c - idle * t for c, t in pairs]
+    return cpu
 
 
 def plain_runs(
@@ -473,10 +482,11 @@ def send_seconds(job: Path) -> float:
 def warm_runs(
     job: Path, n: int, announcer: Announcer, worker: int, server: int, runs: int, how: str = "run"
 ) -> dict[str, list[float]]:
-    latency, worker_cpu, server_cpu, pg_cpu, send = [], [], [], [], []
+    latency, worker_cpu, server_cpu, pg_cpu, send, window = [], [], [], [], [], []
     for i in range(runs + 1):  # the first warms the worker's caches
         reset_record(job)
         w0, s0, p0 = cpu_seconds(worker), cpu_seconds(server), postgres_cpu()
+        t0 = time.monotonic()
         start = announcer.announce(job, how)
         stored = last_stored(job, n)
         run_ended(job)
@@ -487,13 +497,22 @@ def warm_runs(
             server_cpu.append(cpu_seconds(server) - s0)
             pg_cpu.append(postgres_cpu() - p0)
             send.append(send_seconds(job))
+            window.append(time.monotonic() - t0)
     return {
         "latency": latency,
         "worker": worker_cpu,
         "server": server_cpu,
         "postgres": pg_cpu,
         "send": send,
+        "window": window,
     }
+
+
+def idle_rate(pid: int, seconds: float = 10.0) -> float:
+    """CPU-seconds per second of a process left alone (the server's own loops)."""
+    c0, t0 = cpu_seconds(pid), time.monotonic()
+    time.sleep(seconds)
+    return (cpu_seconds(pid) - c0) / (time.monotonic() - t0)
 
 
 def process_runs(job: Path, n: int, server: Any, deployment: str, runs: int) -> list[float]:
@@ -603,11 +622,16 @@ def render(f: dict[str, Any]) -> str:
             ratio = f"{m / ref:.2f}" if m is not None and ref else "-"
             row += f"{m if m is not None else '-':>13} s{ratio:>9}"
         lines.append(row)
+    lines.append(
+        f"prefect server idle: {1000 * f['server_idle_cpu_per_s']:.1f} ms of CPU per second "
+        "(its own loops, with the warm worker connected)"
+    )
     for s in sizes:
         c = f["warm_cpu"][s]
         lines.append(
             f"warm worker CPU per job ({label[s]}): worker {median(c['worker'])} s, "
-            f"prefect server {median(c['server'])} s, postgres {median(c['postgres'])} s"
+            f"prefect server {median(c['server'])} s ({median(c['server_above_idle'])} s "
+            f"above idle), postgres {median(c['postgres'])} s"
         )
     lines.append(
         "dicom-router route, server + warm worker, minus the plain path run just before it "
@@ -617,7 +641,8 @@ def render(f: dict[str, Any]) -> str:
     for s, c in f["warm_cpu_by_event"].items():
         lines.append(
             f"warm worker CPU per job, by event ({label[s]}): worker {median(c['worker'])} s, "
-            f"prefect server {median(c['server'])} s, postgres {median(c['postgres'])} s"
+            f"prefect server {median(c['server'])} s ({median(c['server_above_idle'])} s "
+            f"above idle), postgres {median(c['postgres'])} s"
         )
     for s in sizes:
         lines.append(
