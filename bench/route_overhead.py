@@ -22,7 +22,8 @@ small job (5 images of 64x64, `--small`) and a big one (1,500 CT images of 512x5
    server's idle rate (10 s with nothing to do, measured first: its own loops) over each
    job's measuring window. `warm worker, by event`: the small job
    announced by the event `dicom.job.processed` instead, which the deployment's trigger
-   turns into the run (what a shell script's `prefect event emit` does).
+   turns into the run (what a shell script's `prefect event emit` does); the two ways take
+   turns, run by run.
 6. `process worker`: Prefect's `prefect worker start --type process` on a process pool
    of its own, the run created directly (no trigger): created → every instance stored.
 
@@ -368,21 +369,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stack.callback(announcer.close)
         time.sleep(2)
         figures["server_idle_cpu_per_s"] = idle_rate(server_pid)
-        warm = {
-            size: warm_runs(job, counts[size], announcer, worker_pid, server_pid, args.runs)
-            for size, job in jobs.items()
-        }
-        by_event = {  # the small job only: what the trigger adds is per job, not per image
-            "small": warm_runs(
-                jobs["small"],
-                counts["small"],
-                announcer,
-                worker_pid,
-                server_pid,
-                args.runs,
-                how="event",
-            )
-        }
+        warm, by_event = {}, {}
+        for size, job in jobs.items():
+            # the small job also by event, in turns: what the trigger adds is per job
+            hows = ("run", "event") if size == "small" else ("run",)
+            ways = warm_runs(job, counts[size], announcer, worker_pid, server_pid, args.runs, hows)
+            warm[size] = ways["run"]
+            if "event" in ways:
+                by_event[size] = ways["event"]
         on_worker, paired = {}, {}
         for size, job in jobs.items():
             cli_runs(job, served, logs / "cli-worker.log", 1)  # the first warms the worker
@@ -479,33 +473,39 @@ def send_seconds(job: Path) -> float:
     return sum(float(e["send seconds"]) for e in end["entries"])
 
 
+WARM_FIGURES = ("latency", "worker", "server", "postgres", "send", "window")
+
+
 def warm_runs(
-    job: Path, n: int, announcer: Announcer, worker: int, server: int, runs: int, how: str = "run"
-) -> dict[str, list[float]]:
-    latency, worker_cpu, server_cpu, pg_cpu, send, window = [], [], [], [], [], []
+    job: Path,
+    n: int,
+    announcer: Announcer,
+    worker: int,
+    server: int,
+    runs: int,
+    hows: tuple[str, ...] = ("run",),
+) -> dict[str, dict[str, list[float]]]:
+    """`runs` announcements of each way in `hows`, taking turns (so that the machine's
+    drift falls on each alike); per way, the figures of WARM_FIGURES per run."""
+    out = {how: {k: [] for k in WARM_FIGURES} for how in hows}
     for i in range(runs + 1):  # the first warms the worker's caches
-        reset_record(job)
-        w0, s0, p0 = cpu_seconds(worker), cpu_seconds(server), postgres_cpu()
-        t0 = time.monotonic()
-        start = announcer.announce(job, how)
-        stored = last_stored(job, n)
-        run_ended(job)
-        time.sleep(0.5)  # the run's final state, logs and events
-        if i:
-            latency.append(stored - start)
-            worker_cpu.append(cpu_seconds(worker) - w0)
-            server_cpu.append(cpu_seconds(server) - s0)
-            pg_cpu.append(postgres_cpu() - p0)
-            send.append(send_seconds(job))
-            window.append(time.monotonic() - t0)
-    return {
-        "latency": latency,
-        "worker": worker_cpu,
-        "server": server_cpu,
-        "postgres": pg_cpu,
-        "send": send,
-        "window": window,
-    }
+        for how in hows:
+            reset_record(job)
+            w0, s0, p0 = cpu_seconds(worker), cpu_seconds(server), postgres_cpu()
+            t0 = time.monotonic()
+            start = announcer.announce(job, how)
+            stored = last_stored(job, n)
+            run_ended(job)
+            time.sleep(0.5)  # the run's final state, logs and events
+            if i:
+                got = out[how]
+                got["latency"].append(stored - start)
+                got["worker"].append(cpu_seconds(worker) - w0)
+                got["server"].append(cpu_seconds(server) - s0)
+                got["postgres"].append(postgres_cpu() - p0)
+                got["send"].append(send_seconds(job))
+                got["window"].append(time.monotonic() - t0)
+    return out
 
 
 def idle_rate(pid: int, seconds: float = 10.0) -> float:

@@ -312,17 +312,7 @@ def route_job_flow(
     Parameters left empty come from the worker's `DICOM_ROUTER_*` environment.
     """
     try:  # the server does not check them (prefect.yaml: enforce_parameter_schema)
-        checked = ROUTE_JOB_PARAMETERS.model_validate(
-            {
-                "job_dir": job_dir,
-                "config": config,
-                "force": force,
-                "me": me,
-                "port": port,
-                "log_file": log_file,
-                "origin": origin,
-            }
-        )
+        checked = ROUTE_JOB_PARAMETERS.model_validate(locals())  # the parameters, so far
     except ValidationError as exc:
         message = f"invalid parameters: {parameter_errors(exc)}"
         get_run_logger().error(message)
