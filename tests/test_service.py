@@ -130,9 +130,21 @@ def test_a_finished_processing_run_triggers_routing(
 ANNOUNCE = """\
 import json, sys
 from flows.notify import job_processed
-run = job_processed(sys.argv[1])
+run = job_processed(*sys.argv[1:])
 print(json.dumps({"id": str(run.id), "name": run.name}))
 """
+
+
+def announce(server: PrefectServer, *args: str) -> subprocess.CompletedProcess[str]:
+    """`job_processed(*args)` in a process of its own, as processing code calls it."""
+    return subprocess.run(
+        [sys.executable, "-c", ANNOUNCE, *args],
+        cwd=REPO_ROOT,
+        env=server.env(),
+        timeout=60,
+        capture_output=True,
+        text=True,
+    )
 
 
 def test_a_job_announced_from_python_is_routed_by_the_run_it_returns(
@@ -142,15 +154,8 @@ def test_a_job_announced_from_python_is_routed_by_the_run_it_returns(
     site.route_to(pacs.port, "PACS")
     job = site.base / "jobs" / "announced-0001"
     write_job(job, n_output=2, n_input=0)
-    done = subprocess.run(
-        [sys.executable, "-c", ANNOUNCE, str(job)],
-        cwd=REPO_ROOT,
-        env=prefect_server.env(),
-        check=True,
-        timeout=60,
-        capture_output=True,
-        text=True,
-    )
+    done = announce(prefect_server, str(job))
+    assert done.returncode == 0, done.stderr
     announced = json.loads(done.stdout.strip().splitlines()[-1])
     [routed] = route_runs_for(prefect_server, job, 180, pool)
     assert str(routed.id) == announced["id"]  # the run it returned is the one that routed
@@ -164,32 +169,14 @@ def test_an_announcement_the_server_cannot_take_raises_and_creates_nothing(
 ) -> None:
     job = site.base / "jobs" / "unannounced-0001"
     write_job(job, n_output=1, n_input=0)
-    code = (
-        "import sys; from flows.notify import job_processed; "
-        "job_processed(sys.argv[1], deployment='route-job/no-such-deployment')"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code, str(job)],
-        cwd=REPO_ROOT,
-        env=prefect_server.env(),
-        timeout=60,
-        capture_output=True,
-        text=True,
-    )
+    done = announce(prefect_server, str(job), "route-job/no-such-deployment")
     assert done.returncode == 1
     assert (
         "AnnounceError: deployment 'route-job/no-such-deployment' not found on "
         f"{prefect_server.api_url}" in done.stderr
     ), done.stderr
     (job / "proc.json").unlink()
-    done = subprocess.run(
-        [sys.executable, "-c", ANNOUNCE, str(job)],
-        cwd=REPO_ROOT,
-        env=prefect_server.env(),
-        timeout=60,
-        capture_output=True,
-        text=True,
-    )
+    done = announce(prefect_server, str(job))
     assert done.returncode == 1
     assert f"FileNotFoundError: {job}: write proc.json before announcing the job" in done.stderr
     with prefect_server.client() as client:
