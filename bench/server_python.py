@@ -131,7 +131,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def announce(side: dict[str, Any], images: int) -> float:
-    """One job through the trigger and the warm worker: announce → last instance stored."""
+    """One job, its run created by the announcer (`flows.notify.Announcer`) and routed by
+    the warm worker: announce → last instance stored."""
     reset_record(side["job"])
     start = side["announcer"].announce(side["job"])
     stored = last_stored(side["job"], images)
