@@ -2,11 +2,13 @@
 
 One limit per destination host and port (`dicom-router-<host>-<port>`), since that is what
 a PACS feels, whatever AE title is called. The size is the destination's
-`max_associations`, or the `max_associations` setting. A run makes sure the limit exists
-before it sends (creating a missing one with the configured size, never changing an
-existing one, so a size edited in the UI stands) and then acquires it strictly: routing
-never runs unlimited because a limit is absent. `dicom-router setup` creates them all
-up front and sets their sizes.
+`max_associations`, or the `max_associations` setting. Slots are acquired strictly: the
+server answers which limits it counted, and a send whose limit is absent creates it with
+the configured size (never changing an existing one, so a size edited in the UI stands)
+and asks again, so routing never runs unlimited because a limit is absent. A send of
+several associations reads the limit's size first, since asking for more slots than the
+limit has is refused. `dicom-router setup` creates them all up front and sets their
+sizes.
 
 Slots are taken with a lease, as Prefect's `concurrency()` does, so that the server frees
 the slots of a process that died (after the lease's duration, 60 s, the shortest the API
@@ -32,6 +34,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from uuid import UUID
 
@@ -90,6 +93,32 @@ def ensure_destination_limit(endpoint: Endpoint, size: int) -> tuple[str, int]:
         return name, client.read_global_concurrency_limit_by_name(name).limit
 
 
+@dataclass(frozen=True)
+class DestinationLimit:
+    """The limit a send holds slots of."""
+
+    name: str
+    size: int | None
+    """The limit's own size, when this run read it (a send of several associations)."""
+    create_size: int
+    """The configured size: a missing limit is created with it; the local gate's size
+    until the server has told this process the limit's own."""
+
+
+def destination_limit(endpoint: Endpoint, size: int) -> DestinationLimit:
+    """The destination's limit, not read: one slot fits any limit, so a one-association
+    send (every small job) does not read it, and the acquire itself says whether it
+    exists (a read is ~8 ms of server CPU per send)."""
+    return DestinationLimit(limit_name(endpoint), None, size)
+
+
+def read_destination_limit(endpoint: Endpoint, size: int) -> DestinationLimit:
+    """The destination's limit with its own size, for a send of several associations:
+    asking for more slots than the limit has is refused."""
+    name, own = ensure_destination_limit(endpoint, size)
+    return DestinationLimit(name, own, size)
+
+
 def set_destination_limit(endpoint: Endpoint, size: int) -> str:
     """Create or resize the limit (the set-up command)."""
     name = limit_name(endpoint)
@@ -110,7 +139,15 @@ class LocalGates:
 
     def __init__(self) -> None:
         self._used: dict[str, int] = {}
+        self._sizes: dict[str, int] = {}
         self._free = threading.Condition()
+
+    def size(self, name: str, default: int) -> int:
+        """The limit's size as the server last answered this process, else `default`."""
+        return self._sizes.get(name, default)
+
+    def learn(self, name: str, size: int) -> None:
+        self._sizes[name] = size
 
     @contextmanager
     def hold(self, name: str, size: int, occupy: int) -> Iterator[None]:
@@ -143,23 +180,27 @@ def gated(gates: LocalGates) -> Iterator[None]:
 
 
 @contextmanager
-def destination_slot(name: str | None, occupy: int = 1, size: int | None = None) -> Iterator[None]:
-    """Hold `occupy` slots of limit `name` (of `size` slots) while sending; a missing limit
-    is an error.
+def destination_slot(limit: DestinationLimit | None, occupy: int = 1) -> Iterator[None]:
+    """Hold `occupy` slots of `limit` while sending; a limit the server does not have is
+    created with the configured size, never skipped.
 
     Waits while the limit is full, sleeping what the server suggests (its Retry-After
     grows with the slots' average occupancy), at most MAX_WAIT_SECONDS at a time; in a
-    warm worker, its own runs queue at a local gate first (`LocalGates`).
+    warm worker, its own runs queue at a local gate first (`LocalGates`), as wide as the
+    limit's size as the server last answered.
     """
-    if name is None:
+    if limit is None:
         yield
         return
     gates = _gates.get()
+    gate = limit.size or (gates.size(limit.name, limit.create_size) if gates else 0)
     with (
-        gates.hold(name, size, occupy) if gates is not None and size else _nothing(),
+        gates.hold(limit.name, gate, occupy) if gates is not None and gate else _nothing(),
         get_client(sync_client=True) as client,  # the run's own client, inside a run
     ):
-        lease = _acquire(client, name, occupy)
+        lease, size = _acquire(client, limit, occupy)
+        if gates is not None:
+            gates.learn(limit.name, size)
         try:
             with _renewing(lease):
                 yield
@@ -167,7 +208,7 @@ def destination_slot(name: str | None, occupy: int = 1, size: int | None = None)
             try:
                 _quickly(client, RELEASE_PATH, {"lease_id": str(lease)})
             except httpx.HTTPError as exc:  # the server frees it when the lease runs out
-                log.warning("concurrency limit %s: slots not released (%s)", name, exc)
+                log.warning("concurrency limit %s: slots not released (%s)", limit.name, exc)
 
 
 @contextmanager
@@ -180,7 +221,9 @@ def _holder() -> ConcurrencyLeaseHolder | None:
     return ConcurrencyLeaseHolder(type="task_run", id=UUID(run_id)) if run_id else None
 
 
-def _acquire(client: SyncPrefectClient, name: str, occupy: int) -> UUID:
+def _acquire(client: SyncPrefectClient, limit: DestinationLimit, occupy: int) -> tuple[UUID, int]:
+    """The lease of `occupy` slots, and the limit's size as the server answered."""
+    name = limit.name
     # the body of the client's increment_concurrency_slots_with_lease
     body: dict[str, object] = {
         "names": [name],
@@ -190,6 +233,7 @@ def _acquire(client: SyncPrefectClient, name: str, occupy: int) -> UUID:
     }
     if (holder := _holder()) is not None:
         body["holder"] = holder.model_dump(mode="json")
+    created = False
     while True:
         try:
             response = _quickly(client, ACQUIRE_PATH, body)
@@ -204,12 +248,24 @@ def _acquire(client: SyncPrefectClient, name: str, occupy: int) -> UUID:
             cancel.check()
             continue
         answer = response.json()
-        if not answer.get("limits"):
+        counted = [x for x in answer.get("limits") or () if x.get("name") == name]
+        if counted:
+            return UUID(answer["lease_id"]), int(counted[0]["limit"])
+        if answer.get("lease_id"):  # a lease on no limit holds nothing: give it back
+            _quickly(client, RELEASE_PATH, {"lease_id": str(answer["lease_id"])})
+        if created:
             raise SlotUnavailable(
                 f"concurrency limit {name} does not exist: routing never sends without its "
                 "destination's limit (`dicom-router setup` creates them)"
             )
-        return UUID(answer["lease_id"])
+        _create(client, name, limit.create_size)
+        created = True
+
+
+def _create(client: SyncPrefectClient, name: str, size: int) -> None:
+    with suppress(ObjectAlreadyExists):  # another run may create it meanwhile: that one will do
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=size))
+    log.info("concurrency limit %s: created with %d slot(s)", name, size)
 
 
 def _quickly(client: SyncPrefectClient, path: str, body: dict[str, object]) -> httpx.Response:

@@ -29,7 +29,12 @@ from pydantic import BaseModel, ValidationError, create_model
 
 from flows import cancel
 from flows.alerts import announce_job_failed, announce_report
-from flows.concurrency import destination_slot, ensure_destination_limit
+from flows.concurrency import (
+    DestinationLimit,
+    destination_limit,
+    destination_slot,
+    read_destination_limit,
+)
 from flows.config_source import resolve_config
 from router import routing_log
 from router.config import RoutingConfig, RuleSpec, SendEntry
@@ -130,8 +135,7 @@ def send_task(
     files: Sequence[DicomFile],
     settings: Settings,
     force: bool,
-    limit: str | None = None,
-    limit_size: int | None = None,
+    limit: DestinationLimit | None = None,
 ) -> Attempt:
     """One attempt at what the record says is missing; Prefect retries the transient.
 
@@ -139,7 +143,7 @@ def send_task(
     backoff between retries, so a waiting retry does not block other jobs.
     """
     cancel.check()
-    with destination_slot(limit, occupy=endpoint.associations, size=limit_size):
+    with destination_slot(limit, occupy=endpoint.associations):
         progress = cancel.checking(current_progress())
         attempt = attempt_once(
             record, endpoint, files, settings, task_run.run_count, force, progress
@@ -162,8 +166,9 @@ class FlowSteps:
     settings: Settings
     record: Record
     force: bool
-    limits: dict[str, tuple[str, int]] = field(default_factory=dict)
-    """Destination key -> its concurrency limit and the limit's size, ensured once per run."""
+    limits: dict[str, DestinationLimit] = field(default_factory=dict)
+    """Destination key -> its concurrency limit as read (for a send of several
+    associations), once per run."""
     report: list[DicomFile | None] = field(default_factory=list)
 
     def endpoint(self, entry: SendEntry) -> Endpoint:
@@ -203,11 +208,14 @@ class FlowSteps:
             routing_log.entry(self.job, rule, entry, delivery)
             return delivery
         size = entry.destination.max_associations or self.settings.max_associations
-        if endpoint.key not in self.limits:
-            self.limits[endpoint.key] = ensure_destination_limit(endpoint, size)
-        limit, slots = self.limits[endpoint.key]
         # one slot per association it will open (a small job: one), never more than the limit
-        endpoint = replace(endpoint, associations=min(associations_for(endpoint, files), slots))
+        wanted = associations_for(endpoint, files)
+        limit = self.limits.get(endpoint.key)
+        if limit is None and wanted > 1:
+            limit = self.limits[endpoint.key] = read_destination_limit(endpoint, size)
+        limit = limit or destination_limit(endpoint, size)
+        slots = wanted if limit.size is None else min(wanted, limit.size)
+        endpoint = replace(endpoint, associations=slots)
         send = send_task.with_options(
             task_run_name=f"send {rule.index}.{entry.index} → {endpoint.key}",
             retries=self.settings.retries,
@@ -224,7 +232,6 @@ class FlowSteps:
             quote(self.settings),
             self.force,
             limit,
-            slots,
             return_state=True,
         )
         outcome = state.result(raise_on_failure=False)

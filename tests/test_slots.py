@@ -1,4 +1,4 @@
-"""Destination slots through a Prefect API that is busy.
+"""Destination slots through a Prefect API that is busy, and limits that are missing or edited.
 
 On SQLite the server answers a slot request with 503 ("database is locked") when another
 write commits during its transaction; Prefect's client sleeps 2 s and more before each
@@ -18,7 +18,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows.concurrency import ACQUIRE_PATH, RELEASE_PATH, destination_slot
+from flows.concurrency import (
+    ACQUIRE_PATH,
+    RELEASE_PATH,
+    DestinationLimit,
+    LocalGates,
+    destination_slot,
+    gated,
+)
 
 
 class BusyApi(ThreadingHTTPServer):
@@ -68,6 +75,9 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
+LIMIT = DestinationLimit("dicom-router-127.0.0.1-104", size=1, create_size=1)
+
+
 @pytest.fixture
 def busy_api() -> Iterator[BusyApi]:
     api = BusyApi({ACQUIRE_PATH: 3, RELEASE_PATH: 2})
@@ -84,7 +94,7 @@ def busy_api() -> Iterator[BusyApi]:
 
 def test_a_busy_server_is_asked_again_within_milliseconds(busy_api: BusyApi) -> None:
     start = time.monotonic()
-    with destination_slot("dicom-router-127.0.0.1-104", occupy=1, size=1):
+    with destination_slot(LIMIT, occupy=1):
         assert busy_api.held == 1
     elapsed = time.monotonic() - start
 
@@ -103,8 +113,51 @@ def test_a_server_busy_for_longer_is_left_to_the_client_s_retries(busy_api: Busy
     busy_api.busy[ACQUIRE_PATH] = 6  # the five quick tries, then one 503 for the client
     busy_api.busy[RELEASE_PATH] = 0
     start = time.monotonic()
-    with destination_slot("dicom-router-127.0.0.1-104", occupy=1, size=1):
+    with destination_slot(LIMIT, occupy=1):
         pass
     statuses = [status for _, path, status in busy_api.calls if path == ACQUIRE_PATH]
     assert statuses == [503] * 6 + [200]
     assert time.monotonic() - start >= 1.0  # the client's own back-off took over
+
+
+@pytest.mark.flow
+def test_a_send_without_its_limit_creates_it_and_holds_a_slot_of_it(prefect_api: str) -> None:
+    """No read before a one-slot send: the acquire says the limit is absent, and the send
+    creates it with the configured size instead of going unlimited."""
+    from prefect import get_client
+
+    name = f"dicom-router-127.0.0.1-{uuid.uuid4().hex[:8]}"
+    gates = LocalGates()
+    with (
+        gated(gates),
+        destination_slot(DestinationLimit(name, None, create_size=3)),
+        get_client(sync_client=True) as client,
+    ):
+        limit = client.read_global_concurrency_limit_by_name(name)
+    assert (limit.limit, limit.active_slots) == (3, 1)  # created, and the slot counted
+    assert gates.size(name, 0) == 3  # the gate learned the size from the server's answer
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(name).active_slots == 0
+
+
+@pytest.mark.flow
+def test_a_limit_made_smaller_in_the_ui_narrows_the_gate_from_the_next_answer(
+    prefect_api: str,
+) -> None:
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+    name = f"dicom-router-127.0.0.1-{uuid.uuid4().hex[:8]}"
+    gates = LocalGates()
+    with gated(gates):
+        with destination_slot(DestinationLimit(name, None, create_size=4)):
+            pass
+        assert gates.size(name, 0) == 4
+        with get_client(sync_client=True) as client:
+            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=1))
+        with destination_slot(DestinationLimit(name, None, create_size=4)):
+            pass  # the size it had when this send asked
+        assert gates.size(name, 0) == 1  # never changed back to the configured 4
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(name)
+    assert (limit.limit, limit.active_slots) == (1, 0)
