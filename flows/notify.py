@@ -104,7 +104,9 @@ class Announcer:
             raise RuntimeError("Announcer used outside `with Announcer() as announcer:`")
         try:
             return self._client.create_flow_run_from_deployment(
-                self._deployment_id, parameters={"job_dir": str(path)}
+                self._deployment_id,
+                parameters={"job_dir": str(path)},
+                name=path.name,  # the name route-job gives its runs (JobRunName)
             )
         except ObjectNotFound:
             raise AnnounceError(

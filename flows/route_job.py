@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -77,8 +77,20 @@ class TransientSendFailure(Exception):
         self.attempt = attempt
 
 
-def _job_run_name() -> str:
-    return Path(str(flow_run.parameters["job_dir"])).name
+class JobRunName:
+    """A route-job run's name: its job folder's.
+
+    `of(parameters)` gives it without a run: the announcer, the sweep and the command line
+    name the runs they create so, and the warm worker then spares the engine its rename
+    (`flows.worker.named_at_creation`).
+    """
+
+    @staticmethod
+    def of(parameters: Mapping[str, Any]) -> str:
+        return Path(str(parameters.get("job_dir", ""))).name
+
+    def __call__(self) -> str:
+        return self.of(flow_run.parameters)
 
 
 @task(name="load-job", cache_policy=NO_CACHE)
@@ -297,7 +309,7 @@ def local_result_storage() -> Path:
 
 @flow(
     name="route-job",
-    flow_run_name=_job_run_name,
+    flow_run_name=JobRunName(),
     validate_parameters=False,
     persist_result=False,
     result_storage=local_result_storage(),

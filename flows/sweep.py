@@ -24,7 +24,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import cancel
 from flows.alerts import announce_given_up
-from flows.route_job import RoutingFailed, local_result_storage, route_job_flow
+from flows.route_job import JobRunName, RoutingFailed, local_result_storage, route_job_flow
 from router import observe
 from router.job import under_roots
 from router.overview import render, site_overview
@@ -99,6 +99,7 @@ def route_one(
         run = run_deployment(
             ROUTE_DEPLOYMENT,
             parameters={"job_dir": str(job_dir), **parameters},
+            flow_run_name=JobRunName.of({"job_dir": job_dir}),
             timeout=None,
             poll_interval=1,  # its default, 5 s, would add up to 5 s to every job of a sweep
         )

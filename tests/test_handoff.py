@@ -149,3 +149,23 @@ def test_a_pool_name_is_quoted_in_the_path(api: FakeApi) -> None:
         "work_pools/site%20a%2Frouting",
         "work_pools/site%20a%2Frouting/workers/filter",
     ]
+
+
+def test_the_warm_worker_spares_the_engine_the_rename_only_of_runs_named_at_creation() -> None:
+    from uuid import uuid4
+
+    from prefect.client.schemas.objects import FlowRun
+
+    from flows.route_job import route_job_flow
+    from flows.sweep import sweep_unrouted_flow
+    from flows.worker import named_at_creation, without_run_name
+
+    def run(name: str) -> FlowRun:
+        return FlowRun(flow_id=uuid4(), name=name, parameters={"job_dir": "/data/jobs/job-7"})
+
+    assert named_at_creation(route_job_flow, run("job-7"))  # the announcer's, the sweep's
+    assert not named_at_creation(route_job_flow, run("brave-otter"))  # a trigger's: renamed
+    assert not named_at_creation(sweep_unrouted_flow, run("job-7"))  # no run-name function
+    unnamed = without_run_name(route_job_flow)
+    assert unnamed.flow_run_name is None and route_job_flow.flow_run_name is not None
+    assert unnamed.fn is route_job_flow.fn and unnamed.name == route_job_flow.name

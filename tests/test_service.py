@@ -159,6 +159,7 @@ def test_a_job_announced_from_python_is_routed_by_the_run_it_returns(
     announced = json.loads(done.stdout.strip().splitlines()[-1])
     [routed] = route_runs_for(prefect_server, job, 180, pool)
     assert str(routed.id) == announced["id"]  # the run it returned is the one that routed
+    assert announced["name"] == "announced-0001"  # named at creation: the engine need not
     assert routed.state.is_completed(), routed.state.message
     assert routed.name == "announced-0001"
     assert pacs.received() == {uid: 1 for uid in uids(job)}
