@@ -96,11 +96,12 @@ def spawn(
     *,
     stdin: Any = subprocess.DEVNULL,
     text: bool = False,
+    cwd: Path = REPO,  # `python -c` children import `tests.factory` from the checkout
 ) -> subprocess.Popen:
     proc = subprocess.Popen(
         list(args),
         env=env,
-        cwd=REPO,  # `python -c` children import `tests.factory` from the checkout
+        cwd=cwd,
         stdin=stdin,
         stdout=stdout,
         stderr=stderr,

@@ -1011,8 +1011,10 @@ def start_worker(
     warm: bool = False,
     heartbeat: float | None = None,
     args: Sequence[str] = (),
+    cwd: Path = REPO_ROOT,
 ) -> Worker:
-    """`prefect worker start --pool POOL --type process --name NAME`, cwd the repo root.
+    """`prefect worker start --pool POOL --type process --name NAME`, cwd the repo root
+    (or `cwd`: another checkout's worker, bench/server_ab.py).
 
     `warm`: `dicom-router worker --pool POOL --name NAME` instead (its own, event-driven
     pickup: no WORKER_SETTINGS), with `--heartbeat` when given.
@@ -1034,7 +1036,7 @@ def start_worker(
         cmd += ["--limit", str(limit)]
     cmd += list(args)
     worker_env = server.env(home, **settings, **(env or {}))
-    service = spawn(f"worker {name}", cmd, base / f"{name}.log", worker_env, cwd=REPO_ROOT)
+    service = spawn(f"worker {name}", cmd, base / f"{name}.log", worker_env, cwd=cwd)
     return Worker(name, pool, home, service)
 
 
@@ -1057,6 +1059,7 @@ class WorkPool:
         limit: int | None = None,
         env: Mapping[str, str] | None = None,
         args: Sequence[str] = (),
+        cwd: Path = REPO_ROOT,
     ) -> list[Worker]:
         """Start `n` more workers at once; return when the server has heard from each.
 
@@ -1074,6 +1077,7 @@ class WorkPool:
                 warm=self.warm,
                 heartbeat=self.heartbeat,
                 args=args,
+                cwd=cwd,
             )
             for i in range(n)
         ]
