@@ -33,7 +33,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from uuid import UUID
@@ -85,11 +85,7 @@ def ensure_destination_limit(endpoint: Endpoint, size: int) -> tuple[str, int]:
         try:
             return name, client.read_global_concurrency_limit_by_name(name).limit
         except ObjectNotFound:
-            # another run may create it meanwhile: that one will do
-            with suppress(ObjectAlreadyExists):
-                client.create_global_concurrency_limit(
-                    GlobalConcurrencyLimitCreate(name=name, limit=size)
-                )
+            _create(client, name, size)
         return name, client.read_global_concurrency_limit_by_name(name).limit
 
 
@@ -252,7 +248,10 @@ def _acquire(client: SyncPrefectClient, limit: DestinationLimit, occupy: int) ->
         if counted:
             return UUID(answer["lease_id"]), int(counted[0]["limit"])
         if answer.get("lease_id"):  # a lease on no limit holds nothing: give it back
-            _quickly(client, RELEASE_PATH, {"lease_id": str(answer["lease_id"])})
+            try:
+                _quickly(client, RELEASE_PATH, {"lease_id": str(answer["lease_id"])})
+            except httpx.HTTPError as exc:  # the server drops it when it runs out
+                log.warning("concurrency limit %s: empty lease not released (%s)", name, exc)
         if created:
             raise SlotUnavailable(
                 f"concurrency limit {name} does not exist: routing never sends without its "
@@ -263,8 +262,10 @@ def _acquire(client: SyncPrefectClient, limit: DestinationLimit, occupy: int) ->
 
 
 def _create(client: SyncPrefectClient, name: str, size: int) -> None:
-    with suppress(ObjectAlreadyExists):  # another run may create it meanwhile: that one will do
+    try:
         client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=size))
+    except ObjectAlreadyExists:  # another run created it meanwhile: that one will do
+        return
     log.info("concurrency limit %s: created with %d slot(s)", name, size)
 
 
