@@ -83,6 +83,7 @@ from route_throughput import (  # noqa: E402
 from flows.service import ensure_crash_automation  # noqa: E402
 from tests.fixtures_prefect import (  # noqa: E402
     SERVER_SETTINGS,
+    Postgres,
     PrefectServer,
     WorkPool,
     create_work_pool,
@@ -169,6 +170,24 @@ def warm_pool(
     server.cli("deploy", "--name", "route-job", "--pool", pool.name)
     pool.start_workers(1, limit=limit, env=env)
     return pool
+
+
+def receiver_and_postgres(
+    stack: contextlib.ExitStack, base: Path
+) -> tuple[dict[str, str], Postgres]:
+    """A storescp on 127.0.0.1, the rules routing to it and a throwaway PostgreSQL, all
+    stopped with `stack`: the router's environment (DICOM_ROUTER_*) and the database."""
+    port = stack.enter_context(storescp(131072, base / "logs"))
+    config = write_config(base / "routing.json", port)
+    env = {
+        "DICOM_ROUTER_CONFIG": str(config),
+        "DICOM_ROUTER_LOG_FILE": str(base / "routing.log"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    (base / "pg").mkdir()
+    pg = start_postgres(base / "pg")
+    stack.callback(stop_postgres, pg)
+    return env, pg
 
 
 def cpu_seconds(pid: int) -> float:

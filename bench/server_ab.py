@@ -42,10 +42,11 @@ from route_overhead import (  # noqa: E402
     cpu_seconds,
     last_stored,
     postgres_cpu,
+    receiver_and_postgres,
     run_ended,
     small_job,
 )
-from route_throughput import guarded, reset_record, spawn, stop_group, storescp, write_config  # noqa: E402
+from route_throughput import guarded, reset_record, spawn, stop_group  # noqa: E402
 
 from flows.service import ensure_crash_automation  # noqa: E402
 from tests.fixtures_prefect import (  # noqa: E402
@@ -54,9 +55,7 @@ from tests.fixtures_prefect import (  # noqa: E402
     create_work_pool,
     server_python,
     server_runtime,
-    start_postgres,
     start_prefect_server,
-    stop_postgres,
 )
 
 IMAGES = 5
@@ -189,16 +188,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             Version("base", worktree(stack, rev, base / "base-tree")),
             Version("tree", REPO),
         ]
-        port = stack.enter_context(storescp(131072, base / "logs"))
-        config = write_config(base / "routing.json", port)
-        env = {
-            "DICOM_ROUTER_CONFIG": str(config),
-            "DICOM_ROUTER_LOG_FILE": str(base / "routing.log"),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        }
-        (base / "pg").mkdir()
-        pg = start_postgres(base / "pg")
-        stack.callback(stop_postgres, pg)
+        env, pg = receiver_and_postgres(stack, base)
         server = start_prefect_server(
             base / "prefect", pg.url(), settings=AS_UNIT, python=args.server_python
         )

@@ -36,18 +36,17 @@ from route_overhead import (  # noqa: E402
     Announcer,
     cpu_seconds,
     last_stored,
+    receiver_and_postgres,
     run_ended,
     small_job,
     warm_pool,
 )
-from route_throughput import guarded, reset_record, storescp, write_config  # noqa: E402
+from route_throughput import guarded, reset_record  # noqa: E402
 
 from tests.fixtures_prefect import (  # noqa: E402
     server_python,
     server_runtime,
-    start_postgres,
     start_prefect_server,
-    stop_postgres,
 )
 
 PAUSE_S = 1.0
@@ -77,16 +76,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     logs = base / "logs"
     logs.mkdir()
     with contextlib.ExitStack() as stack:
-        port = stack.enter_context(storescp(131072, logs))
-        config = write_config(base / "routing.json", port)
-        router = {
-            "DICOM_ROUTER_CONFIG": str(config),
-            "DICOM_ROUTER_LOG_FILE": str(base / "routing.log"),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        }
-        (base / "pg").mkdir()
-        pg = start_postgres(base / "pg")
-        stack.callback(stop_postgres, pg)
+        router, pg = receiver_and_postgres(stack, base)
         sides: dict[str, dict[str, Any]] = {}
         for side, python in (("reference", args.reference), ("candidate", args.candidate)):
             home = base / side
