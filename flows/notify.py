@@ -14,9 +14,10 @@ Three ways to start routing, for the shapes a processing pipeline takes:
 The run is created directly rather than through the event and the trigger so that the
 caller learns that the server took the job: an event is sent from a background thread
 that only logs a failure, so an unreachable server or a missing deployment went unnoticed
-until the next sweep. The server also does less (no trigger evaluation, automation action
-or their four events), though little: 0.33 against 0.34 CPU-s per small job, the two ways
-taking turns (`bench/route_overhead.py`, "warm worker" and "by event").
+until the next sweep. The server also does less: no trigger evaluation, automation action
+or their four events, and the run is named after its job folder at creation, where the
+engine renames a trigger's run when it starts (0.35 against 0.395 CPU-s per small job, the
+two ways taking turns: `bench/route_overhead.py`, "warm worker" and "by event").
 
 All need a Prefect server (`PREFECT_API_URL`).
 """
