@@ -114,37 +114,60 @@ with Announcer() as announcer:
         print(time.time(), flush=True)
 """
 
-SEND_COST = """\
-import json, sys, time
+TASK_COST = """\
+import collections, json, statistics, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[3])
+import prefect.task_engine as engine
+from prefect.tasks import Task
 import flows.route_job as steps
 from flows.route_job import run_route_job
 from route_throughput import reset_record
 from router.settings import Settings
 job, runs = Path(sys.argv[1]), int(sys.argv[2])
-inside = []
-attempt = steps.attempt_once
+inside, calls, outer, body = [], [], collections.Counter(), collections.Counter()
+attempt, call, run_fn = steps.attempt_once, Task.__call__, engine.call_with_parameters
 def timed(*args, **kw):
     start = time.perf_counter()
     try:
         return attempt(*args, **kw)
     finally:
         inside.append(time.perf_counter() - start)
-steps.attempt_once = timed
-settings, out = Settings(), []
+def task_call(self, *args, **kw):
+    calls.append(self.name)
+    start = time.perf_counter()
+    try:
+        return call(self, *args, **kw)
+    finally:
+        outer[self.name] += time.perf_counter() - start
+def task_body(fn, parameters):
+    start = time.perf_counter()
+    try:
+        return run_fn(fn, parameters)
+    finally:
+        body[calls[-1]] += time.perf_counter() - start
+steps.attempt_once, Task.__call__, engine.call_with_parameters = timed, task_call, task_body
+settings, out, per_task = Settings(), [], collections.defaultdict(list)
 for i in range(runs + 1):  # the first warms the process
     reset_record(job)
-    inside.clear()
+    inside.clear(), calls.clear(), outer.clear(), body.clear()
     run_route_job(job, settings, origin="bench")
     lines = (job / "routing-record.jsonl").read_text().splitlines()
     end = next(json.loads(x) for x in reversed(lines) if '"event":"end"' in x)
     if i:
         out.append(sum(e["send seconds"] for e in end["entries"]) - sum(inside))
-print(json.dumps(out))
+        for name, n in collections.Counter(calls).items():
+            per_task[name].append((outer[name] - body[name]) / n)
+print(json.dumps({"send": out, "engine": per_task}))
 """
-"""The send task's own cost: its wall time (the record's `send seconds`) minus the time in
-its C-STOREs (`attempt_once`), flow runs in one warm process against the server."""
+"""Prefect's cost of the tasks, flow runs in one warm process against the server:
+
+- `send`: the send task's wall time (the record's `send seconds`) minus the time in its
+  C-STOREs (`attempt_once`): the engine, the destination's concurrency slot and the
+  cancellation checks;
+- `engine`, per task name: the task call's wall time minus its function's (the engine
+  alone: its task run's states and events, its context, the parameters' walk), per call.
+"""
 
 
 AS_UNIT = {**SERVER_SETTINGS, "PREFECT_SERVER_LOGGING_LEVEL": "WARNING"}
@@ -377,8 +400,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for size, job in jobs.items()
         }
 
-        send_cost = {
-            size: send_task_cost(job, served, logs / "send-cost.log", args.runs)
+        costs = {
+            size: task_costs(job, served, logs / "task-cost.log", args.runs)
             for size, job in jobs.items()
         }
 
@@ -434,7 +457,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     figures["warm_cpu"] = {s: cpu_figures(w, idle) for s, w in warm.items()}
     figures["warm_cpu_by_event"] = {s: cpu_figures(w, idle) for s, w in by_event.items()}
     figures["cli_worker_minus_plain_paired_s"] = {s: median(v) for s, v in paired.items()}
-    figures["send_task_prefect_s"] = {s: median(v) for s, v in send_cost.items()}
+    figures["send_task_prefect_s"] = {s: median(c["send"]) for s, c in costs.items()}
+    figures["task_engine_s"] = {
+        s: {name: median(v) for name, v in c["engine"].items()} for s, c in costs.items()
+    }
     figures["send_warm_minus_plain_s"] = {
         s: round(median(warm[s]["send"]) - median(plain_sends[jobs[s].name]), 3) for s in warm
     }
@@ -472,8 +498,8 @@ def cli_runs(job: Path, env: dict[str, str], log: Path, runs: int, *flags: str) 
     return out
 
 
-def send_task_cost(job: Path, env: dict[str, str], log: Path, runs: int) -> list[float]:
-    cmd = [sys.executable, "-c", SEND_COST, str(job), str(runs), str(REPO / "bench")]
+def task_costs(job: Path, env: dict[str, str], log: Path, runs: int) -> dict[str, Any]:
+    cmd = [sys.executable, "-c", TASK_COST, str(job), str(runs), str(REPO / "bench")]
     with log.open("ab") as err, tempfile.TemporaryFile() as out:
         proc = spawn(cmd, env, out, err)
         code = proc.wait()
@@ -668,6 +694,12 @@ def render(f: dict[str, Any]) -> str:
             f"send task's Prefect cost ({label[s]}): {f['send_task_prefect_s'][s]} s "
             "(the task's send seconds minus its C-STOREs, flow runs in one process); "
             f"send seconds, warm worker minus plain path: {f['send_warm_minus_plain_s'][s]} s"
+        )
+    for s in sizes:
+        engine = ", ".join(f"{k} {v} s" for k, v in f["task_engine_s"][s].items())
+        lines.append(
+            f"each task's Prefect engine cost ({label[s]}): {engine} (the call's wall time "
+            "minus its function's, per call)"
         )
     if b := f.get("burst"):
         for i, r in enumerate(b["rounds"], 1):
