@@ -10,3 +10,17 @@ pytest_plugins = [
     "tests.fixtures_harness",
     "tests.fixtures_prefect",
 ]
+
+
+def pytest_configure(config: object) -> None:
+    """Children start with SIGINT at its default, as from a terminal or systemd.
+
+    A shell starts a background job (`./scripts/test &`, nohup) with SIGINT ignored, and
+    every process the tests start inherits that: Prefect's process worker turns SIGTERM
+    into a SIGINT to itself, which it then ignores, so each stop waited out its 10 s
+    time-out before the SIGKILL.
+    """
+    import signal
+
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
