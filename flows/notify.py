@@ -16,7 +16,7 @@ caller learns that the server took the job: an event is sent from a background t
 that only logs a failure, so an unreachable server or a missing deployment went unnoticed
 until the next sweep. The server also does less: no trigger evaluation, automation action
 or their four events, and the run is named after its job folder at creation, where the
-engine renames a trigger's run when it starts (0.35 against 0.395 CPU-s per small job, the
+engine renames a trigger's run when it starts (0.235 against 0.28 CPU-s per small job, the
 two ways taking turns: `bench/route_overhead.py`, "warm worker" and "by event").
 
 All need a Prefect server (`PREFECT_API_URL`).
