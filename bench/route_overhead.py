@@ -115,7 +115,7 @@ with Announcer() as announcer:
 """
 
 TASK_COST = """\
-import collections, json, statistics, sys, time
+import collections, json, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[3])
 import prefect.task_engine as engine
@@ -150,7 +150,8 @@ steps.attempt_once, Task.__call__, engine.call_with_parameters = timed, task_cal
 settings, out, per_task = Settings(), [], collections.defaultdict(list)
 for i in range(runs + 1):  # the first warms the process
     reset_record(job)
-    inside.clear(), calls.clear(), outer.clear(), body.clear()
+    for kept in (inside, calls, outer, body):
+        kept.clear()
     run_route_job(job, settings, origin="bench")
     lines = (job / "routing-record.jsonl").read_text().splitlines()
     end = next(json.loads(x) for x in reversed(lines) if '"event":"end"' in x)
